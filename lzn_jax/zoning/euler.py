@@ -1,0 +1,122 @@
+"""Euler latent flows (SPEC.md §1.3, §1.4): forward anchors -> latents and reverse latents -> anchors.
+
+Code time: anchors at t = 0, Gaussian at t = 1. The time grid is static and built in float64 on the host.
+Every step runs inside ``lax.scan``; see :func:`velocity.rematerialise_step` for what the backward pass keeps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lzn_jax.zoning import velocity as velocity_lib
+
+
+def forward_grid(num_steps: int, eps: float) -> tuple[np.ndarray, float]:
+    """Evaluation times ``eps + k h`` for k = 0..num_steps-1 (float64) and the step ``h = (1 - eps) / num_steps``.
+
+    The flow ends at exactly t = 1; the velocity is never evaluated there.
+    """
+    step = (1.0 - eps) / num_steps
+    return eps + step * np.arange(num_steps, dtype=np.float64), step
+
+
+def reverse_grid(num_steps: int) -> tuple[np.ndarray, float]:
+    """Evaluation times ``1 - k / num_steps`` for k = 0..num_steps-1 (float64) and the step ``1 / num_steps``."""
+    return 1.0 - np.arange(num_steps, dtype=np.float64) / num_steps, 1.0 / num_steps
+
+
+def _per_step_scalars(times: np.ndarray, step: float, dtype) -> tuple[jax.Array, ...]:
+    coefficients = velocity_lib.time_coefficients(times)
+    # x_next = x +- (h / t) (x - mean): the difference is formed first, so no large multiple of x cancels.
+    return tuple(jnp.asarray(v, dtype) for v in (coefficients.signal, coefficients.quadratic, step / times))
+
+
+def euler_forward(
+    anchors: jax.Array,
+    noise: jax.Array,
+    context: jax.Array,
+    *,
+    num_steps: int,
+    eps: float,
+    block_size: int | None = None,
+    memory_budget_bytes: int = velocity_lib.DEFAULT_MEMORY_BUDGET_BYTES,
+) -> jax.Array:
+    """Latents of the rows of ``anchors`` under the flow defined by ``context``.
+
+    Args:
+      anchors: (B, D) own anchors; noise: (B, D) prior draw already scaled by alpha; context: (N, D).
+      num_steps: Euler steps from t = eps to t = 1; eps: start time (1e-4 in the reference).
+    Returns:
+      (B, D) latents at t = 1.
+    """
+    dtype = anchors.dtype
+    times, step = forward_grid(num_steps, eps)
+    start = jnp.asarray(eps, dtype) * noise + jnp.asarray(1.0 - eps, dtype) * anchors
+
+    def euler_step(x, scalars):
+        signal, quadratic, scale = scalars
+        mean, _ = velocity_lib.posterior(
+            x, context, velocity_lib.TimeCoefficients(signal, quadratic), block_size=block_size
+        )
+        return x + scale * (x - mean), None
+
+    euler_step = velocity_lib.rematerialise_step(
+        euler_step, num_steps=num_steps, batch=anchors.shape[0], num_anchors=context.shape[0],
+        dim=anchors.shape[1], dtype=dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
+    )
+    latents, _ = jax.lax.scan(euler_step, start, _per_step_scalars(times, step, dtype))
+    return latents
+
+
+def posterior_output(x, context, coefficients, mean_and_logp, *, log_weights, targets, block_size):
+    """What a reverse step records: the full (B, N) log posterior, or only each row's target entry (B,)."""
+    _, log_probs = mean_and_logp
+    if block_size is not None:
+        target_weights = None if log_weights is None else log_weights[targets]
+        return velocity_lib.target_log_prob(x, context[targets], target_weights, coefficients, log_probs)
+    if targets is None:
+        return log_probs
+    return jnp.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0]
+
+
+def euler_reverse(
+    latents: jax.Array,
+    context: jax.Array,
+    *,
+    num_steps: int,
+    log_weights: jax.Array | None = None,
+    targets: jax.Array | None = None,
+    block_size: int | None = None,
+    memory_budget_bytes: int = velocity_lib.DEFAULT_MEMORY_BUDGET_BYTES,
+) -> tuple[jax.Array, jax.Array]:
+    """Runs latents back from t = 1 to t = 0 (no eps), recording the posterior before every step.
+
+    Args:
+      latents: (B, D); context: (N, D); log_weights: (N,) or None (uniform).
+      targets: optional (B,) int anchor index per row; then only that column is recorded.
+    Returns:
+      ``(endpoints (B, D), log_probs)`` with log_probs (num_steps, B, N), or (num_steps, B) given targets;
+      entry k is taken at t = 1 - k / num_steps, so entry 0 equals the normalised log weights.
+    """
+    dtype = latents.dtype
+    times, step = reverse_grid(num_steps)
+
+    def reverse_step(x, scalars):
+        signal, quadratic, scale = scalars
+        coefficients = velocity_lib.TimeCoefficients(signal, quadratic)
+        mean_and_logp = velocity_lib.posterior(
+            x, context, coefficients, log_weights=log_weights, block_size=block_size
+        )
+        recorded = posterior_output(
+            x, context, coefficients, mean_and_logp, log_weights=log_weights, targets=targets,
+            block_size=block_size,
+        )
+        return x - scale * (x - mean_and_logp[0]), recorded
+
+    reverse_step = velocity_lib.rematerialise_step(
+        reverse_step, num_steps=num_steps, batch=latents.shape[0], num_anchors=context.shape[0],
+        dim=latents.shape[1], dtype=dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
+    )
+    return jax.lax.scan(reverse_step, latents, _per_step_scalars(times, step, dtype))

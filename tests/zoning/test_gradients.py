@@ -1,0 +1,140 @@
+"""Gradients through both solvers and the loss: finite differences in float64, remat and blockwise paths."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from lzn_jax import zoning
+
+
+def small_problem(seed=0, num=6, dim=3, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(scale * rng.standard_normal((num, dim))), jnp.asarray(rng.standard_normal((num, dim))),
+            jnp.asarray(rng.standard_normal((num, dim))))
+
+
+@pytest.mark.parametrize("solver,steps", [("euler", 6), ("dpm_solver++", 6)])
+def test_check_grads_compute_latents(x64, solver, steps):
+    anchors, prior, projection = small_problem()
+
+    def f(anchors, context):
+        return jnp.sum(zoning.compute_latents(anchors, prior, context=context, solver=solver, num_steps=steps)
+                       * projection)
+
+    # eps = 0.05 keeps the flow well conditioned, so finite differences are accurate.
+    def f_eps(anchors, context):
+        return jnp.sum(zoning.compute_latents(anchors, prior, context=context, solver=solver, num_steps=steps,
+                                              eps=0.05) * projection)
+
+    check_grads(f_eps, (anchors, anchors + 0.1), order=1, modes=["rev"], eps=1e-5, atol=1e-6, rtol=1e-6)
+    check_grads(lambda a: f(a, a), (anchors,), order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("solver,steps", [("euler", 8), ("dpm_solver++", 5)])
+def test_check_grads_assign_and_alignment_loss(x64, solver, steps):
+    anchors, prior, _ = small_problem(1)
+    latents = prior * 1.2
+    log_weights = jnp.log(jnp.array([1.0, 2.0, 0.5, 1.0, 3.0, 1.0]))
+    targets = jnp.array([0, 1, 2, 3, 4, 5])
+
+    def loss(latents, context, log_weights, use_log):
+        _, log_probs = zoning.assign(latents, context, solver=solver, num_steps=steps, log_weights=log_weights)
+        return zoning.alignment_loss(log_probs, targets, cut_off=0.2, use_log=use_log)
+
+    def endpoints(latents, context, log_weights):
+        return jnp.sum(zoning.assign(latents, context, solver=solver, num_steps=steps,
+                                     log_weights=log_weights)[0] ** 2)
+
+    for use_log in (False, True):
+        check_grads(lambda *a: loss(*a, use_log), (latents, anchors, log_weights), order=1, modes=["rev"],
+                    eps=1e-6, atol=1e-6, rtol=1e-6)
+    check_grads(endpoints, (latents, anchors, log_weights), order=1, modes=["rev"], eps=1e-6, atol=1e-6,
+                rtol=1e-6)
+
+
+def test_check_grads_full_lzn_composition(x64):
+    """anchors -> latents (DPM) -> reverse flow over the same anchors -> alignment loss (case study 2 shape)."""
+    anchors, prior, _ = small_problem(2)
+
+    def loss(anchors, other_view):
+        latents = zoning.compute_latents(anchors, 0.45 * prior, solver="euler", num_steps=5, eps=0.05)
+        _, log_probs = zoning.assign(latents, other_view, num_steps=5, targets=jnp.arange(6))
+        return zoning.alignment_loss(log_probs, None, use_log=True)
+
+    check_grads(loss, (anchors, anchors + 0.05), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+
+
+def _problem32(seed, batch=24, num=40, dim=10):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(2 * rng.standard_normal((num, dim)), jnp.float32),
+            jnp.asarray(rng.standard_normal((num, dim)), jnp.float32),
+            jnp.asarray(rng.standard_normal((batch, dim)), jnp.float32))
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpm_solver++"])
+def test_rematerialised_steps_give_identical_values_and_gradients(solver):
+    context, prior, projection = _problem32(3)
+    own, own_prior = context[:24], prior[:24]
+
+    def run(budget):
+        def f(own, context):
+            return jnp.sum(zoning.compute_latents(own, own_prior, context=context, solver=solver, num_steps=10,
+                                                  memory_budget_bytes=budget) * projection)
+        return jax.value_and_grad(f, argnums=(0, 1))(own, context)
+
+    (v_saved, g_saved), (v_remat, g_remat) = run(1 << 40), run(0)
+    np.testing.assert_allclose(v_saved, v_remat, rtol=1e-6)
+    for a, b in zip(g_saved, g_remat):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(a))))
+
+
+def test_remat_policy_follows_memory_budget():
+    """With room to spare a step costs 6 products (2 forward, 4 backward) and nothing is recomputed; with a zero
+    budget the backward pass recomputes the logits product (the posterior-mean product is not needed there)."""
+    context, prior, projection = _problem32(4)
+
+    def count_dots(budget):
+        def f(context):
+            return jnp.sum(zoning.compute_latents(context, prior, solver="euler", num_steps=5,
+                                                  memory_budget_bytes=budget) * projection[:1])
+        text = jax.jit(jax.grad(f)).lower(context).as_text()
+        return text.count("stablehlo.dot_general")
+
+    saved, remat = count_dots(1 << 40), count_dots(0)
+    assert (saved, remat) == (6, 7)
+
+
+@pytest.mark.parametrize("block_size", [7, 40, 64])
+def test_blockwise_equals_dense_values_and_gradients(x64, block_size):
+    # float64: anchor gradients of the forward flow cancel by ~1e4 (SPEC.md §8 M2), so in float32 two exact
+    # kernels that merely round differently give visibly different gradients.
+    context, prior, projection = (jnp.asarray(a, jnp.float64) for a in _problem32(5))
+    own, own_prior = context[:24], prior[:24]
+    targets = jnp.arange(24) % 40
+    log_weights = jnp.log(jnp.linspace(0.5, 2.0, 40)).at[3].set(-jnp.inf)
+
+    def forward(own, context, block):
+        return jnp.sum(zoning.compute_latents(own, own_prior, context=context, solver="dpm_solver++",
+                                              num_steps=8, block_size=block) * projection)
+
+    def reverse(latents, context, log_weights, block):
+        end, log_probs = zoning.assign(latents, context, num_steps=12, log_weights=log_weights, targets=targets,
+                                       block_size=block)
+        return zoning.alignment_loss(log_probs, None, cut_off=0.25) + 1e-2 * jnp.sum(end**2), log_probs
+
+    dense_value, dense_grads = jax.value_and_grad(forward, argnums=(0, 1))(own, context, None)
+    block_value, block_grads = jax.value_and_grad(forward, argnums=(0, 1))(own, context, block_size)
+    np.testing.assert_allclose(block_value, dense_value, rtol=1e-10)
+    for a, b in zip(dense_grads, block_grads):
+        np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-8 * float(jnp.max(jnp.abs(a))))
+
+    latents = 1.3 * prior[:24]
+    grad_fn = jax.value_and_grad(reverse, argnums=(0, 1, 2), has_aux=True)
+    (dense_loss, dense_lp), dense_g = grad_fn(latents, context, log_weights, None)
+    (block_loss, block_lp), block_g = grad_fn(latents, context, log_weights, block_size)
+    np.testing.assert_allclose(block_lp, dense_lp, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(block_loss, dense_loss, rtol=1e-10)
+    for a, b in zip(dense_g, block_g):
+        np.testing.assert_allclose(b, a, rtol=1e-8, atol=1e-8 * float(np.max(np.abs(a))))

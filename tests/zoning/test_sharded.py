@@ -1,0 +1,113 @@
+"""Sharded (shard_map over 8 fake CPU devices) equals unsharded, in values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lzn_jax import zoning
+
+MESHES = [((8,), ("data",), "data"), ((4, 2), ("data", "model"), ("data", "model")),
+          ((4, 2), ("data", "model"), "data")]
+
+
+def make_mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def problem(batch=16, dim=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(1.5 * rng.standard_normal((batch, dim))), jnp.asarray(rng.standard_normal((batch, dim))),
+            jnp.asarray(rng.standard_normal((batch, dim))), jnp.asarray(1.5 * rng.standard_normal((batch, dim))))
+
+
+def assert_trees_close(a, b, rtol=1e-9):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * float(np.max(np.abs(y))))
+
+
+@pytest.mark.parametrize("shape,names,axis", MESHES)
+@pytest.mark.parametrize("solver", ["euler", "dpm_solver++"])
+def test_sharded_latents_and_gradients_equal_unsharded(x64, shape, names, axis, solver):
+    mesh = make_mesh(shape, names)
+    anchors, prior, projection, _ = problem()
+
+    def unsharded_loss(anchors):
+        latents = zoning.compute_latents(anchors, prior, solver=solver, num_steps=6)
+        return jnp.mean(jnp.sum(latents * projection, -1)), latents
+
+    def sharded_loss(anchors):
+        latents, index = zoning.compute_latents_sharded(anchors, prior, mesh=mesh, axis_name=axis, solver=solver,
+                                                        num_steps=6)
+        return jnp.mean(jnp.sum(latents * projection, -1)), (latents, index)
+
+    (loss, latents), grads = jax.value_and_grad(unsharded_loss, has_aux=True)(anchors)
+    rows = NamedSharding(mesh, PartitionSpec(axis))
+    sharded_anchors = jax.device_put(anchors, rows)
+    (s_loss, (s_latents, index)), s_grads = jax.jit(jax.value_and_grad(sharded_loss, has_aux=True))(sharded_anchors)
+    assert s_latents.sharding.is_equivalent_to(rows, 2)
+    np.testing.assert_array_equal(index, np.arange(16))
+    assert_trees_close((s_loss, s_latents, s_grads), (loss, latents, grads))
+
+
+@pytest.mark.parametrize("shape,names,axis", MESHES[:2])
+def test_sharded_alignment_to_other_view_equals_unsharded(x64, shape, names, axis):
+    """Case study 2: latents of view 0 aligned to the gathered anchors of view 1, target = global index."""
+    mesh = make_mesh(shape, names)
+    view0, prior, _, view1 = problem(seed=1)
+
+    def loss(view0, view1, sharded):
+        if sharded:
+            latents, index = zoning.compute_latents_sharded(view0, 0.45 * prior, mesh=mesh, axis_name=axis,
+                                                            solver="euler", num_steps=5)
+            _, log_probs = zoning.assign_sharded(latents, view1, mesh=mesh, axis_name=axis, num_steps=5,
+                                                 targets=index)
+        else:
+            latents = zoning.compute_latents(view0, 0.45 * prior, solver="euler", num_steps=5)
+            _, log_probs = zoning.assign(latents, view1, num_steps=5, targets=jnp.arange(16))
+        return zoning.alignment_loss(log_probs, None, cut_off=0.2, use_log=True)
+
+    expected = jax.value_and_grad(loss, argnums=(0, 1))(view0, view1, False)
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(view0, view1, True)
+    assert_trees_close(got, expected)
+
+
+def test_sharded_label_flow_with_global_class_weights_equals_unsharded(x64):
+    """Case study 3: replicated label anchors, class weights from the global batch's label counts."""
+    mesh = make_mesh((8,), ("data",))
+    rng = np.random.default_rng(2)
+    label_anchors = jnp.asarray(rng.standard_normal((4, 5)))
+    latents = jnp.asarray(rng.standard_normal((16, 5)))
+    labels = jnp.asarray(rng.integers(0, 3, 16))  # class 3 absent: weight zero, log-weight -inf
+
+    def loss(latents, label_anchors, sharded):
+        log_weights = zoning.class_log_weights(labels, 4)
+        if sharded:
+            _, log_probs = zoning.assign_sharded(latents, label_anchors, mesh=mesh, context_sharded=False,
+                                                 log_weights=log_weights, num_steps=20)
+        else:
+            _, log_probs = zoning.assign(latents, label_anchors, log_weights=log_weights, num_steps=20)
+        return zoning.alignment_loss(log_probs, labels), log_probs
+
+    expected = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(latents, label_anchors, False)
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)(
+        latents, label_anchors, True)
+    assert_trees_close(got, expected)
+
+
+def test_class_log_weights_sum_counts_over_devices():
+    mesh = make_mesh((8,), ("data",))
+    labels = jnp.asarray(np.random.default_rng(3).integers(0, 5, 32))
+    local = jax.shard_map(lambda y: zoning.class_log_weights(y, 5, axis_name="data"), mesh=mesh,
+                          in_specs=PartitionSpec("data"), out_specs=PartitionSpec())
+    np.testing.assert_allclose(jax.jit(local)(labels), zoning.class_log_weights(labels, 5), rtol=1e-6)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error():
+    mesh = make_mesh((8,), ("data",))
+    anchors = jnp.ones((12, 3))
+    with pytest.raises(ValueError, match="12 rows, not divisible by the 8 devices"):
+        zoning.compute_latents_sharded(anchors, anchors, mesh=mesh)
+    with pytest.raises(ValueError, match="lacks"):
+        zoning.compute_latents_sharded(jnp.ones((16, 3)), jnp.ones((16, 3)), mesh=mesh, axis_name="batch")
