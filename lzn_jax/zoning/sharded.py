@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lzn_jax.zoning import latents as latents_lib
 
@@ -81,6 +81,11 @@ def _spec_axis(axis_name: AxisName):
     return axis_name if isinstance(axis_name, str) else tuple(axis_name)
 
 
+def _place(mesh: Mesh, operands, specs):
+    """Lays each operand out as its spec says (a no-op for arrays already laid out so)."""
+    return [jax.device_put(operand, NamedSharding(mesh, spec)) for operand, spec in zip(operands, specs)]
+
+
 def compute_latents_sharded(anchors, noise, *, mesh: Mesh, axis_name: AxisName = "data", **solver_options):
     """``compute_latents`` over a batch sharded on ``axis_name``: every row against all rows' anchors.
 
@@ -96,7 +101,8 @@ def compute_latents_sharded(anchors, noise, *, mesh: Mesh, axis_name: AxisName =
     def local(local_anchors, local_noise):
         return local_compute_latents(local_anchors, local_noise, axis_name=axis_name, **solver_options)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=(rows, rows))(anchors, noise)
+    operands = _place(mesh, (anchors, noise), (rows, rows))
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows, rows), out_specs=(rows, rows))(*operands)
 
 
 def assign_sharded(
@@ -142,4 +148,5 @@ def assign_sharded(
             log_weights=local_log_weights, targets=local_targets, **assign_options,
         )
 
+    operands = _place(mesh, operands, in_specs)
     return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=(rows, per_step_rows))(*operands)

@@ -1,0 +1,1 @@
+"""Small reproducible studies run by ``lzn_jax.main`` (one module per study)."""
