@@ -89,6 +89,7 @@ def dpm_solver_flow(
     lower_order_final: bool = True,
     log_weights: jax.Array | None = None,
     targets: jax.Array | None = None,
+    reference: velocity_lib.ZoneReference | None = None,
     record: bool = False,
     block_size: int | None = None,
     memory_budget_bytes: int = velocity_lib.DEFAULT_MEMORY_BUDGET_BYTES,
@@ -98,6 +99,7 @@ def dpm_solver_flow(
     Args:
       start: (B, D) state at the first grid time (t = eps forward, t = 1 - eps reverse).
       context: (N, D) anchors; log_weights: (N,) or None.
+      reference: per-row reference points for the logits (the forward flow's own anchors), or None.
       record: also return the posterior at each of the num_steps evaluations ((num_steps, B, N), or
         (num_steps, B) given targets (B,)).
     Returns:
@@ -110,14 +112,13 @@ def dpm_solver_flow(
     dtype = start.dtype
     times = time_grid(num_steps, eps, reverse=reverse)
     updates = jnp.asarray(update_coefficients(times, step_orders(num_steps, order, lower_order_final)), dtype)
-    coefficients = velocity_lib.time_coefficients(times[:-1])
-    signals = jnp.asarray(coefficients.signal, dtype)
-    quadratics = jnp.asarray(coefficients.quadratic, dtype)
+    coefficients = velocity_lib.TimeCoefficients(
+        *(jnp.asarray(v, dtype) for v in velocity_lib.time_coefficients(times[:-1]))
+    )
 
-    def evaluate(x, signal, quadratic):
-        step_coefficients = velocity_lib.TimeCoefficients(signal, quadratic)
+    def evaluate(x, step_coefficients):
         mean_and_logp = velocity_lib.posterior(
-            x, context, step_coefficients, log_weights=log_weights, block_size=block_size
+            x, context, step_coefficients, log_weights=log_weights, block_size=block_size, reference=reference
         )
         recorded = None
         if record:
@@ -129,19 +130,20 @@ def dpm_solver_flow(
 
     def multistep(carry, per_step):
         x, history = carry
-        update, signal, quadratic = per_step
+        update, step_coefficients = per_step
         x = _apply_update(x, history, update)
-        data_prediction, recorded = evaluate(x, signal, quadratic)
+        data_prediction, recorded = evaluate(x, step_coefficients)
         return (x, (data_prediction, history[0], history[1])), recorded
 
     multistep = velocity_lib.rematerialise_step(
         multistep, num_steps=num_steps, batch=start.shape[0], num_anchors=context.shape[0],
         dim=start.shape[1], dtype=dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
     )
-    first_prediction, first_recorded = evaluate(start, signals[0], quadratics[0])
+    first_prediction, first_recorded = evaluate(start, jax.tree.map(lambda c: c[0], coefficients))
     zeros = jnp.zeros_like(start)  # unused history slots meet zero coefficients in the warm-up steps
     (x, history), recorded = jax.lax.scan(
-        multistep, (start, (first_prediction, zeros, zeros)), (updates[:-1], signals[1:], quadratics[1:])
+        multistep, (start, (first_prediction, zeros, zeros)),
+        (updates[:-1], jax.tree.map(lambda c: c[1:], coefficients)),
     )
     end = _apply_update(x, history, updates[-1])
     if not record:

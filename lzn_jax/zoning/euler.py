@@ -27,10 +27,10 @@ def reverse_grid(num_steps: int) -> tuple[np.ndarray, float]:
     return 1.0 - np.arange(num_steps, dtype=np.float64) / num_steps, 1.0 / num_steps
 
 
-def _per_step_scalars(times: np.ndarray, step: float, dtype) -> tuple[jax.Array, ...]:
-    coefficients = velocity_lib.time_coefficients(times)
+def _per_step_scalars(times: np.ndarray, step: float, dtype) -> tuple[velocity_lib.TimeCoefficients, jax.Array]:
+    coefficients = velocity_lib.TimeCoefficients(*(jnp.asarray(v, dtype) for v in velocity_lib.time_coefficients(times)))
     # x_next = x +- (h / t) (x - mean): the difference is formed first, so no large multiple of x cancels.
-    return tuple(jnp.asarray(v, dtype) for v in (coefficients.signal, coefficients.quadratic, step / times))
+    return coefficients, jnp.asarray(step / times, dtype)
 
 
 def euler_forward(
@@ -54,12 +54,11 @@ def euler_forward(
     dtype = anchors.dtype
     times, step = forward_grid(num_steps, eps)
     start = jnp.asarray(eps, dtype) * noise + jnp.asarray(1.0 - eps, dtype) * anchors
+    reference = None if block_size is not None else velocity_lib.zone_reference(anchors, context)
 
     def euler_step(x, scalars):
-        signal, quadratic, scale = scalars
-        mean, _ = velocity_lib.posterior(
-            x, context, velocity_lib.TimeCoefficients(signal, quadratic), block_size=block_size
-        )
+        coefficients, scale = scalars
+        mean, _ = velocity_lib.posterior(x, context, coefficients, block_size=block_size, reference=reference)
         return x + scale * (x - mean), None
 
     euler_step = velocity_lib.rematerialise_step(
@@ -104,8 +103,7 @@ def euler_reverse(
     times, step = reverse_grid(num_steps)
 
     def reverse_step(x, scalars):
-        signal, quadratic, scale = scalars
-        coefficients = velocity_lib.TimeCoefficients(signal, quadratic)
+        coefficients, scale = scalars
         mean_and_logp = velocity_lib.posterior(
             x, context, coefficients, log_weights=log_weights, block_size=block_size
         )

@@ -120,8 +120,9 @@ def compute_latents(
             memory_budget_bytes=memory_budget_bytes,
         )
     start = jnp.asarray(eps, dtype) * noise + jnp.asarray(1.0 - eps, dtype) * anchors
+    reference = None if block_size is not None else velocity_lib.zone_reference(anchors, context)
     latents, _ = dpm_lib.dpm_solver_flow(
-        start, context, num_steps=num_steps, eps=eps, reverse=False, order=order,
+        start, context, num_steps=num_steps, eps=eps, reverse=False, order=order, reference=reference,
         lower_order_final=lower_order_final, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
     )
     return latents

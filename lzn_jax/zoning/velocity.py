@@ -14,6 +14,15 @@ Two interchangeable kernels compute ``(mean, log_probs)``, each with a hand-writ
 * blockwise (``block_size=``): streams a log-sum-exp over blocks of anchors, flash-attention style, keeping
   only ``(B,)`` statistics as residuals; memory O(B * block_size) in both passes.
 
+Float32 and nearby anchors (SPEC.md §8 M5). The expansion cancels: its terms are of size |x||a| / t^2 while
+the logits that decide between two nearby anchors differ by far less. The forward flow therefore measures the
+logits from a reference point per row, its own anchor r_b (any point gives the same posterior):
+
+    logits_bj = [(1 - t) <x_b - (1 - t) r_b, a_j> - 1/2 (1 - t)^2 |a_j - r_b|^2] / t^2  (+ a per-row constant)
+
+with the small offset ``x_b - (1 - t) r_b`` formed first and the time-independent squared distances
+``|a_j - r_b|^2`` computed once per flow from exact differences (:func:`reference_squared_distances`).
+
 The per-step time coefficients are static: :func:`time_coefficients` computes them in float64 on the host.
 """
 
@@ -32,12 +41,21 @@ HIGHEST = jax.lax.Precision.HIGHEST
 class TimeCoefficients(NamedTuple):
     """Scalars that turn inner products into logits at one time ``t``.
 
-    ``logits = signal * (x @ A.T) - quadratic * |a|^2 + log_weights`` with
-    ``signal = (1 - t) / t^2`` and ``quadratic = (1 - t)^2 / (2 t^2)``.
+    ``logits = signal * (x @ A.T) - quadratic * |a|^2 + log_weights`` with ``signal = (1 - t) / t^2``,
+    ``quadratic = (1 - t)^2 / (2 t^2)``; ``decay = 1 - t`` scales the reference point (module docstring).
     """
 
     signal: jax.Array | float
     quadratic: jax.Array | float
+    decay: jax.Array | float
+
+
+class ZoneReference(NamedTuple):
+    """Per-row reference points for the logits (module docstring): points (B, D) and their squared distances
+    to every context anchor (B, N), from :func:`reference_squared_distances`."""
+
+    points: jax.Array
+    squared_distances: jax.Array
 
 
 def time_coefficients(t: float | np.ndarray) -> TimeCoefficients:
@@ -51,7 +69,7 @@ def time_coefficients(t: float | np.ndarray) -> TimeCoefficients:
     t = np.asarray(t, dtype=np.float64)
     if np.any(t <= 0) or np.any(t > 1):
         raise ValueError(f"time must lie in (0, 1], got {t}")
-    return TimeCoefficients(signal=(1.0 - t) / t**2, quadratic=0.5 * (1.0 - t) ** 2 / t**2)
+    return TimeCoefficients(signal=(1.0 - t) / t**2, quadratic=0.5 * (1.0 - t) ** 2 / t**2, decay=1.0 - t)
 
 
 def solver_dtype(*arrays: jax.Array) -> jnp.dtype:
@@ -64,11 +82,17 @@ def solver_dtype(*arrays: jax.Array) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
-def _logits(x, context, log_weights, signal, quadratic):
-    """``(B, N)`` logits from the matmul expansion. x (B, D), context (N, D), log_weights (N,)."""
-    inner = jnp.matmul(x, context.T, precision=HIGHEST)
-    squared_norms = jnp.sum(context * context, axis=-1)
-    return signal * inner - quadratic * squared_norms + log_weights
+def _logits(query, context, offsets, log_weights, signal, quadratic):
+    """``(B, N)`` logits ``signal <query, a_j> - quadratic offsets + log_weights``.
+
+    query (B, D) is x, or its offset from the row's reference point; offsets are the anchors' squared norms (N,)
+    or their squared distances to the reference points (B, N); log_weights (N,).
+    """
+    return signal * jnp.matmul(query, context.T, precision=HIGHEST) - quadratic * offsets + log_weights
+
+
+def _squared_norms(context):
+    return jnp.sum(context * context, axis=-1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -77,16 +101,16 @@ def _logits(x, context, log_weights, signal, quadratic):
 
 
 @jax.custom_vjp
-def _dense_posterior(x, context, log_weights, signal, quadratic):
-    """(mean (B, D), log_probs (B, N)) of the posterior at one time; see module docstring."""
-    log_probs = jax.nn.log_softmax(_logits(x, context, log_weights, signal, quadratic), axis=-1)
+def _dense_posterior(query, context, offsets, log_weights, signal, quadratic):
+    """(mean (B, D), log_probs (B, N)) of the posterior at one time; see :func:`_logits` for the inputs."""
+    log_probs = jax.nn.log_softmax(_logits(query, context, offsets, log_weights, signal, quadratic), axis=-1)
     mean = jnp.matmul(jnp.exp(log_probs), context, precision=HIGHEST)
     return mean, log_probs
 
 
-def _dense_posterior_fwd(x, context, log_weights, signal, quadratic):
-    mean, log_probs = _dense_posterior(x, context, log_weights, signal, quadratic)
-    return (mean, log_probs), (x, context, jnp.exp(log_probs), signal, quadratic)
+def _dense_posterior_fwd(query, context, offsets, log_weights, signal, quadratic):
+    mean, log_probs = _dense_posterior(query, context, offsets, log_weights, signal, quadratic)
+    return (mean, log_probs), (query, context, offsets, jnp.exp(log_probs), signal, quadratic)
 
 
 def _logit_cotangents(context, probs, g_mean, g_log_probs):
@@ -104,25 +128,22 @@ def _logit_cotangents(context, probs, g_mean, g_log_probs):
     return g_logits, jnp.matmul(probs.T, g_mean, precision=HIGHEST)
 
 
-def _logit_inputs_cotangents(x, context, signal, quadratic, g_logits, g_context):
-    """Backward of the logits expansion: cotangents of x (B, D), context (N, D) and log_weights (N,)."""
-    g_x = signal * jnp.matmul(g_logits, context, precision=HIGHEST)
-    column_sums = jnp.sum(g_logits, axis=0)
-    g_context = (
-        g_context
-        + signal * jnp.matmul(g_logits.T, x, precision=HIGHEST)
-        - (2.0 * quadratic) * column_sums[:, None] * context
-    )
-    return g_x, g_context, column_sums
+def _inner_product_cotangents(query, context, signal, g_logits, g_context):
+    """Backward of ``signal * query @ context.T``: cotangents of query (B, D) and context (N, D), and the
+    column sums of g_logits (N,) (the log-weights' cotangent)."""
+    g_query = signal * jnp.matmul(g_logits, context, precision=HIGHEST)
+    g_context = g_context + signal * jnp.matmul(g_logits.T, query, precision=HIGHEST)
+    return g_query, g_context, jnp.sum(g_logits, axis=0)
 
 
 def _dense_posterior_bwd(residuals, cotangents):
-    x, context, probs, signal, quadratic = residuals
+    query, context, offsets, probs, signal, quadratic = residuals
     g_mean, g_log_probs = cotangents
     g_logits, g_context = _logit_cotangents(context, probs, g_mean, g_log_probs)
-    g_x, g_context, g_log_weights = _logit_inputs_cotangents(x, context, signal, quadratic, g_logits, g_context)
+    g_query, g_context, g_log_weights = _inner_product_cotangents(query, context, signal, g_logits, g_context)
+    g_offsets = -quadratic * (g_log_weights if offsets.ndim == 1 else g_logits)
     # The time grid is static and carries no gradient (SPEC.md §1.8).
-    return g_x, g_context, g_log_weights, jnp.zeros_like(signal), jnp.zeros_like(quadratic)
+    return g_query, g_context, g_offsets, g_log_weights, jnp.zeros_like(signal), jnp.zeros_like(quadratic)
 
 
 _dense_posterior.defvjp(_dense_posterior_fwd, _dense_posterior_bwd)
@@ -158,7 +179,7 @@ def _blockwise_statistics(x, context, log_weights, signal, quadratic, block_size
     def accumulate(carry, block):
         running_max, running_sum, running_weighted = carry
         anchors, block_log_weights = block
-        logits = _logits(x, anchors, block_log_weights, signal, quadratic)
+        logits = _logits(x, anchors, _squared_norms(anchors), block_log_weights, signal, quadratic)
         new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
         shift = _finite_or_zero(new_max)
         rescale = jnp.exp(running_max - shift)
@@ -196,7 +217,7 @@ def _blockwise_posterior_bwd(block_size, residuals, cotangents):
 
     def block_posterior(block):
         anchors, block_log_weights = block
-        logits = _logits(x, anchors, block_log_weights, signal, quadratic)
+        logits = _logits(x, anchors, _squared_norms(anchors), block_log_weights, signal, quadratic)
         return jnp.exp(logits - log_normaliser[:, None]), jnp.matmul(g_mean, anchors.T, precision=HIGHEST)
 
     # First pass: sum_j probs_j g_probs_j from the same products the second pass subtracts it from, so that a
@@ -213,10 +234,10 @@ def _blockwise_posterior_bwd(block_size, residuals, cotangents):
         probs, g_probs = block_posterior(block)
         # d lse / d logits = probs, so the log-normaliser's cotangent enters as a constant shift of g_probs.
         g_logits = probs * (g_probs + shift)
+        anchors = block[0]
         g_anchors = jnp.matmul(probs.T, g_mean, precision=HIGHEST)
-        g_x_block, g_anchors, g_block_log_weights = _logit_inputs_cotangents(
-            x, block[0], signal, quadratic, g_logits, g_anchors
-        )
+        g_x_block, g_anchors, g_block_log_weights = _inner_product_cotangents(x, anchors, signal, g_logits, g_anchors)
+        g_anchors = g_anchors - (2.0 * quadratic) * g_block_log_weights[:, None] * anchors
         return g_x + g_x_block, (g_anchors, g_block_log_weights)
 
     g_x, (g_blocks, g_weight_blocks) = jax.lax.scan(block_cotangents, jnp.zeros_like(x), (blocks, weight_blocks))
@@ -260,6 +281,55 @@ def _resolve_log_weights(log_weights, num_anchors, dtype):
     return jnp.asarray(log_weights, dtype)
 
 
+# Elements of the (B, block, D) difference tensor per block of reference_squared_distances (64 MB in float32).
+_DIFFERENCE_BLOCK_ELEMENTS = 1 << 24
+
+
+@jax.custom_vjp
+def reference_squared_distances(points: jax.Array, context: jax.Array) -> jax.Array:
+    """(B, N) squared distances ``|a_j - r_b|^2`` from exact differences, streamed over anchor blocks.
+
+    Unlike the expansion ``|a|^2 - 2 <a, r> + |r|^2`` it keeps full relative precision for nearby pairs, the
+    only ones whose logits matter late in the flow. Memory O(B * block * D) with ~64 MB blocks. The backward
+    pass uses the matmul form, whose error is relative to the cotangent, not amplified by 1/t^2.
+
+    Args:
+      points: (B, D) reference points; context: (N, D) anchors.
+    """
+    batch, dim = points.shape
+    block = max(1, min(context.shape[0], _DIFFERENCE_BLOCK_ELEMENTS // max(1, batch * dim)))
+    blocks = _split_blocks(context, block, 0.0)
+
+    def block_distances(anchors):
+        differences = anchors[None, :, :] - points[:, None, :]
+        return jnp.sum(differences * differences, axis=-1)
+
+    distances = jax.lax.map(block_distances, blocks)  # (num_blocks, B, block)
+    return jnp.moveaxis(distances, 0, 1).reshape(batch, -1)[:, : context.shape[0]]
+
+
+def _reference_squared_distances_fwd(points, context):
+    return reference_squared_distances(points, context), (points, context)
+
+
+def _reference_squared_distances_bwd(residuals, g_distances):
+    points, context = residuals
+    # d/d a_j |a_j - r_b|^2 = 2 (a_j - r_b) and d/d r_b = -2 (a_j - r_b), summed with the cotangents.
+    g_context = 2.0 * (jnp.sum(g_distances, axis=0)[:, None] * context
+                       - jnp.matmul(g_distances.T, points, precision=HIGHEST))
+    g_points = 2.0 * (jnp.sum(g_distances, axis=1)[:, None] * points
+                      - jnp.matmul(g_distances, context, precision=HIGHEST))
+    return g_points, g_context
+
+
+reference_squared_distances.defvjp(_reference_squared_distances_fwd, _reference_squared_distances_bwd)
+
+
+def zone_reference(points: jax.Array, context: jax.Array) -> ZoneReference:
+    """The reference for rows whose own anchors are ``points`` (B, D), against ``context`` (N, D)."""
+    return ZoneReference(points, reference_squared_distances(points, context))
+
+
 def posterior(
     x: jax.Array,
     context: jax.Array,
@@ -267,6 +337,7 @@ def posterior(
     *,
     log_weights: jax.Array | None = None,
     block_size: int | None = None,
+    reference: ZoneReference | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Posterior mean of the anchors and the normalised log posterior at one time.
 
@@ -276,6 +347,8 @@ def posterior(
       coefficients: ``time_coefficients(t)`` (host float64, or traced scalars inside a scan).
       log_weights: (N,) log mixture weights (``-inf`` excludes an anchor); None means uniform.
       block_size: None for the dense kernel; an int streams over anchor blocks of that size.
+      reference: per-row reference points (dense kernel only), which make the logits exact for nearby anchors
+        in float32; the posterior is the same in exact arithmetic.
     Returns:
       ``(mean (B, D), log_probs)``: with the dense kernel ``log_probs`` is the (B, N) normalised log posterior;
       with the blockwise kernel it is the (B,) log normaliser ``logsumexp_j logits_j`` instead (the full matrix
@@ -285,10 +358,19 @@ def posterior(
     log_weights = _resolve_log_weights(log_weights, context.shape[0], dtype)
     signal = jnp.asarray(coefficients.signal, dtype)
     quadratic = jnp.asarray(coefficients.quadratic, dtype)
-    x, context, log_weights, signal, quadratic = match_varying_axes(x, context, log_weights, signal, quadratic)
-    if block_size is None:
-        return _dense_posterior(x, context, log_weights, signal, quadratic)
-    return _blockwise_posterior(x, context, log_weights, signal, quadratic, int(block_size))
+    if block_size is not None:
+        if reference is not None:
+            raise ValueError("the blockwise kernel takes no reference points")
+        x, context, log_weights, signal, quadratic = match_varying_axes(x, context, log_weights, signal, quadratic)
+        return _blockwise_posterior(x, context, log_weights, signal, quadratic, int(block_size))
+    if reference is None:
+        query, offsets = x, _squared_norms(context)
+    else:
+        # The offset from the reference is formed before any product, so it keeps its own precision.
+        query = x - jnp.asarray(coefficients.decay, dtype) * reference.points
+        offsets = reference.squared_distances
+    operands = match_varying_axes(query, context, offsets, log_weights, signal, quadratic)
+    return _dense_posterior(*operands)
 
 
 def target_log_prob(
