@@ -128,6 +128,11 @@ def dpm_solver_flow(
             )
         return mean_and_logp[0], recorded
 
+    evaluate = velocity_lib.rematerialise(
+        evaluate, num_steps=num_steps, batch=start.shape[0], num_anchors=context.shape[0],
+        dim=start.shape[1], dtype=dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
+    )
+
     def multistep(carry, per_step):
         x, history = carry
         update, step_coefficients = per_step
@@ -135,10 +140,6 @@ def dpm_solver_flow(
         data_prediction, recorded = evaluate(x, step_coefficients)
         return (x, (data_prediction, history[0], history[1])), recorded
 
-    multistep = velocity_lib.rematerialise_step(
-        multistep, num_steps=num_steps, batch=start.shape[0], num_anchors=context.shape[0],
-        dim=start.shape[1], dtype=dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
-    )
     first_prediction, first_recorded = evaluate(start, jax.tree.map(lambda c: c[0], coefficients))
     zeros = jnp.zeros_like(start)  # unused history slots meet zero coefficients in the warm-up steps
     (x, history), recorded = jax.lax.scan(

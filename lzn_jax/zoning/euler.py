@@ -1,7 +1,7 @@
 """Euler latent flows (SPEC.md §1.3, §1.4): forward anchors -> latents and reverse latents -> anchors.
 
 Code time: anchors at t = 0, Gaussian at t = 1. The time grid is static and built in float64 on the host.
-Every step runs inside ``lax.scan``; see :func:`velocity.rematerialise_step` for what the backward pass keeps.
+Every step runs inside ``lax.scan``; see :func:`velocity.rematerialise` for what the backward pass keeps.
 """
 
 from __future__ import annotations
@@ -56,15 +56,18 @@ def euler_forward(
     start = jnp.asarray(eps, dtype) * noise + jnp.asarray(1.0 - eps, dtype) * anchors
     reference = None if block_size is not None else velocity_lib.zone_reference(anchors, context)
 
-    def euler_step(x, scalars):
-        coefficients, scale = scalars
-        mean, _ = velocity_lib.posterior(x, context, coefficients, block_size=block_size, reference=reference)
-        return x + scale * (x - mean), None
+    def posterior_mean(x, coefficients):
+        return velocity_lib.posterior(x, context, coefficients, block_size=block_size, reference=reference)[0]
 
-    euler_step = velocity_lib.rematerialise_step(
-        euler_step, num_steps=num_steps, batch=anchors.shape[0], num_anchors=context.shape[0],
+    posterior_mean = velocity_lib.rematerialise(
+        posterior_mean, num_steps=num_steps, batch=anchors.shape[0], num_anchors=context.shape[0],
         dim=anchors.shape[1], dtype=dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
     )
+
+    def euler_step(x, scalars):
+        coefficients, scale = scalars
+        return x + scale * (x - posterior_mean(x, coefficients)), None
+
     latents, _ = jax.lax.scan(euler_step, start, _per_step_scalars(times, step, dtype))
     return latents
 
@@ -102,8 +105,7 @@ def euler_reverse(
     dtype = latents.dtype
     times, step = reverse_grid(num_steps)
 
-    def reverse_step(x, scalars):
-        coefficients, scale = scalars
+    def evaluate(x, coefficients):
         mean_and_logp = velocity_lib.posterior(
             x, context, coefficients, log_weights=log_weights, block_size=block_size
         )
@@ -111,10 +113,16 @@ def euler_reverse(
             x, context, coefficients, mean_and_logp, log_weights=log_weights, targets=targets,
             block_size=block_size,
         )
-        return x - scale * (x - mean_and_logp[0]), recorded
+        return mean_and_logp[0], recorded
 
-    reverse_step = velocity_lib.rematerialise_step(
-        reverse_step, num_steps=num_steps, batch=latents.shape[0], num_anchors=context.shape[0],
+    evaluate = velocity_lib.rematerialise(
+        evaluate, num_steps=num_steps, batch=latents.shape[0], num_anchors=context.shape[0],
         dim=latents.shape[1], dtype=dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
     )
+
+    def reverse_step(x, scalars):
+        coefficients, scale = scalars
+        mean, recorded = evaluate(x, coefficients)
+        return x - scale * (x - mean), recorded
+
     return jax.lax.scan(reverse_step, latents, _per_step_scalars(times, step, dtype))

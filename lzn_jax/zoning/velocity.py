@@ -444,14 +444,16 @@ def saved_posteriors_bytes(num_steps: int, batch: int, num_anchors: int, dim: in
     return num_steps * batch * (num_anchors + 2 * dim) * jnp.dtype(dtype).itemsize
 
 
-def rematerialise_step(step_fn, *, num_steps, batch, num_anchors, dim, dtype, block_size, memory_budget_bytes):
-    """Wraps a solver step in ``jax.checkpoint`` when saving its posteriors would exceed the memory budget.
+def rematerialise(evaluate, *, num_steps, batch, num_anchors, dim, dtype, block_size, memory_budget_bytes):
+    """Wraps a solver's posterior evaluation in ``jax.checkpoint`` when saving every step's posterior would
+    exceed the memory budget.
 
-    The blockwise kernel keeps only O(B * D) residuals per step and recomputes its blocks in its own backward
-    pass, so it is never rematerialised a second time.
+    Only the evaluation is rematerialised: the solver updates around it are linear in the saved states, so
+    each step then keeps just the point it evaluated at, (B, D). The blockwise kernel keeps only O(B * D)
+    residuals and recomputes its blocks in its own backward pass, so it is never rematerialised a second time.
     """
     if block_size is not None:
-        return step_fn
+        return evaluate
     if saved_posteriors_bytes(num_steps, batch, num_anchors, dim, dtype) <= memory_budget_bytes:
-        return step_fn
-    return jax.checkpoint(step_fn, policy=jax.checkpoint_policies.nothing_saveable)
+        return evaluate
+    return jax.checkpoint(evaluate, policy=jax.checkpoint_policies.nothing_saveable)
