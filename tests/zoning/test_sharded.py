@@ -23,8 +23,16 @@ def problem(batch=16, dim=5, seed=0):
 
 
 def assert_trees_close(a, b, rtol=1e-9):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=rtol * float(np.max(np.abs(y))))
+    """Leaves equal to ``rtol`` (relative to each leaf's largest finite entry), with -inf exactly where expected."""
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        x, y = np.asarray(x), np.asarray(y)
+        finite = np.isfinite(y)
+        np.testing.assert_array_equal(np.isfinite(x), finite)
+        np.testing.assert_array_equal(x[~finite], y[~finite])
+        scale = float(np.max(np.abs(y[finite]))) if finite.any() else 1.0
+        np.testing.assert_allclose(x[finite], y[finite], rtol=rtol, atol=rtol * scale)
 
 
 @pytest.mark.parametrize("shape,names,axis", MESHES)
