@@ -58,7 +58,8 @@ def class_log_weights(labels: jax.Array, num_classes: int, *, axis_name=None) ->
     Returns:
       (num_classes,) ``log(count_k / total)``; ``-inf`` for classes absent from the batch.
     """
-    counts = jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), axis=0)
+    # float64 under x64, so weighted label flows keep float64 precision there.
+    counts = jnp.sum(jax.nn.one_hot(labels, num_classes, dtype=jnp.result_type(float)), axis=0)
     if axis_name is not None:
         counts = jax.lax.psum(counts, axis_name)
     return jnp.log(counts) - jnp.log(jnp.sum(counts))

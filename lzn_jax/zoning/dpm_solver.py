@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lzn_jax.zoning import euler as euler_lib
 from lzn_jax.zoning import velocity as velocity_lib
 
 
@@ -116,21 +115,9 @@ def dpm_solver_flow(
         *(jnp.asarray(v, dtype) for v in velocity_lib.time_coefficients(times[:-1]))
     )
 
-    def evaluate(x, step_coefficients):
-        mean_and_logp = velocity_lib.posterior(
-            x, context, step_coefficients, log_weights=log_weights, block_size=block_size, reference=reference
-        )
-        recorded = None
-        if record:
-            recorded = euler_lib.posterior_output(
-                x, context, step_coefficients, mean_and_logp, log_weights=log_weights, targets=targets,
-                block_size=block_size,
-            )
-        return mean_and_logp[0], recorded
-
-    evaluate = velocity_lib.rematerialise(
-        evaluate, num_steps=num_steps, batch=start.shape[0], num_anchors=context.shape[0],
-        dim=start.shape[1], dtype=dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
+    evaluate = velocity_lib.posterior_evaluator(
+        context, num_steps=num_steps, batch=start.shape[0], log_weights=log_weights, targets=targets,
+        reference=reference, record=record, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
     )
 
     def multistep(carry, per_step):

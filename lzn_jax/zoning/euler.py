@@ -56,31 +56,17 @@ def euler_forward(
     start = jnp.asarray(eps, dtype) * noise + jnp.asarray(1.0 - eps, dtype) * anchors
     reference = None if block_size is not None else velocity_lib.zone_reference(anchors, context)
 
-    def posterior_mean(x, coefficients):
-        return velocity_lib.posterior(x, context, coefficients, block_size=block_size, reference=reference)[0]
-
-    posterior_mean = velocity_lib.rematerialise(
-        posterior_mean, num_steps=num_steps, batch=anchors.shape[0], num_anchors=context.shape[0],
-        dim=anchors.shape[1], dtype=dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
+    evaluate = velocity_lib.posterior_evaluator(
+        context, num_steps=num_steps, batch=anchors.shape[0], reference=reference, block_size=block_size,
+        memory_budget_bytes=memory_budget_bytes,
     )
 
     def euler_step(x, scalars):
         coefficients, scale = scalars
-        return x + scale * (x - posterior_mean(x, coefficients)), None
+        return x + scale * (x - evaluate(x, coefficients)[0]), None
 
     latents, _ = jax.lax.scan(euler_step, start, _per_step_scalars(times, step, dtype))
     return latents
-
-
-def posterior_output(x, context, coefficients, mean_and_logp, *, log_weights, targets, block_size):
-    """What a reverse step records: the full (B, N) log posterior, or only each row's target entry (B,)."""
-    _, log_probs = mean_and_logp
-    if block_size is not None:
-        target_weights = None if log_weights is None else log_weights[targets]
-        return velocity_lib.target_log_prob(x, context[targets], target_weights, coefficients, log_probs)
-    if targets is None:
-        return log_probs
-    return jnp.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0]
 
 
 def euler_reverse(
@@ -105,19 +91,9 @@ def euler_reverse(
     dtype = latents.dtype
     times, step = reverse_grid(num_steps)
 
-    def evaluate(x, coefficients):
-        mean_and_logp = velocity_lib.posterior(
-            x, context, coefficients, log_weights=log_weights, block_size=block_size
-        )
-        recorded = posterior_output(
-            x, context, coefficients, mean_and_logp, log_weights=log_weights, targets=targets,
-            block_size=block_size,
-        )
-        return mean_and_logp[0], recorded
-
-    evaluate = velocity_lib.rematerialise(
-        evaluate, num_steps=num_steps, batch=latents.shape[0], num_anchors=context.shape[0],
-        dim=latents.shape[1], dtype=dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
+    evaluate = velocity_lib.posterior_evaluator(
+        context, num_steps=num_steps, batch=latents.shape[0], log_weights=log_weights, targets=targets,
+        record=True, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
     )
 
     def reverse_step(x, scalars):

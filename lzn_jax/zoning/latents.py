@@ -171,6 +171,12 @@ def assign(
         targets = jnp.asarray(targets)
         if targets.shape != (latents.shape[0],) or not jnp.issubdtype(targets.dtype, jnp.integer):
             raise ValueError(f"targets must be ({latents.shape[0]},) integers, got {targets.shape} {targets.dtype}")
+        if not isinstance(targets, jax.core.Tracer) and (
+            np.any(np.asarray(targets) < 0) or np.any(np.asarray(targets) >= context.shape[0])
+        ):
+            raise ValueError(f"targets must index the {context.shape[0]} context anchors, i.e. lie in "
+                             f"[0, {context.shape[0]}); got values from {int(np.min(targets))} to "
+                             f"{int(np.max(targets))}")
     elif block_size is not None:
         raise ValueError("block_size needs targets: the blockwise kernel never forms the (B, N) posterior")
     if solver == "euler":

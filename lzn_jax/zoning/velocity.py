@@ -12,7 +12,11 @@ Two interchangeable kernels compute ``(mean, log_probs)``, each with a hand-writ
 * dense: keeps the ``(B, N)`` posterior as the only residual, so the backward pass costs four matmuls and
   recomputes nothing;
 * blockwise (``block_size=``): streams a log-sum-exp over blocks of anchors, flash-attention style, keeping
-  only ``(B,)`` statistics as residuals; memory O(B * block_size) in both passes.
+  only ``(B,)`` statistics as residuals. Its backward pass must recompute the logits and meet the forward's
+  log-normaliser exactly, which the expansion cannot promise in float32 (at t = 1e-4 its terms are ~1e8 and two
+  compilations of it differ by tens, so exp() overflows); it therefore computes ``-|x - (1 - t) a|^2 / (2 t^2)``
+  from exact differences, as the reference does, in ``(B, block_size, D)`` pieces: memory O(B * block_size * D),
+  independent of N.
 
 Float32 and nearby anchors (SPEC.md §8 M5). The expansion cancels: its terms are of size |x||a| / t^2 while
 the logits that decide between two nearby anchors differ by far less. The forward flow therefore measures the
@@ -42,12 +46,14 @@ class TimeCoefficients(NamedTuple):
     """Scalars that turn inner products into logits at one time ``t``.
 
     ``logits = signal * (x @ A.T) - quadratic * |a|^2 + log_weights`` with ``signal = (1 - t) / t^2``,
-    ``quadratic = (1 - t)^2 / (2 t^2)``; ``decay = 1 - t`` scales the reference point (module docstring).
+    ``quadratic = (1 - t)^2 / (2 t^2)``; ``curvature = 1 / (2 t^2)`` gives the exact-difference logits
+    ``-curvature |x - (1 - t) a|^2`` (blockwise kernel).
     """
 
     signal: jax.Array | float
     quadratic: jax.Array | float
-    decay: jax.Array | float
+    time: jax.Array | float
+    curvature: jax.Array | float
 
 
 class ZoneReference(NamedTuple):
@@ -69,7 +75,9 @@ def time_coefficients(t: float | np.ndarray) -> TimeCoefficients:
     t = np.asarray(t, dtype=np.float64)
     if np.any(t <= 0) or np.any(t > 1):
         raise ValueError(f"time must lie in (0, 1], got {t}")
-    return TimeCoefficients(signal=(1.0 - t) / t**2, quadratic=0.5 * (1.0 - t) ** 2 / t**2, decay=1.0 - t)
+    return TimeCoefficients(
+        signal=(1.0 - t) / t**2, quadratic=0.5 * (1.0 - t) ** 2 / t**2, time=t, curvature=0.5 / t**2
+    )
 
 
 def solver_dtype(*arrays: jax.Array) -> jnp.dtype:
@@ -170,80 +178,111 @@ def _finite_or_zero(value):
     return jnp.where(jnp.isfinite(value), value, 0.0)
 
 
-def _blockwise_statistics(x, context, log_weights, signal, quadratic, block_size):
-    """Streams over anchor blocks; returns mean (B, D) and the row log-sum-exp of the logits (B,)."""
-    batch, dim = x.shape
+def offset_from(x, points, time):
+    """``x - (1 - t) points`` to full relative precision where x is near (1 - t) points.
+
+    Written as ``(x - points) + t points``: the first difference is exact for nearby values and the second term
+    is small, so the result does not depend on whether the compiler fuses a multiply-add (``x - (1 - t) p``
+    rounds differently with and without one, by far more than the result's own precision when t is 1e-4).
+    """
+    return (x - points) + time * points
+
+
+def _block_logits(x, anchors, block_log_weights, time, curvature):
+    """Exact-difference logits of one block: (B, block) and the differences ``x - (1 - t) a`` (B, block, D)."""
+    differences = offset_from(x[:, None, :], anchors[None, :, :], time)
+    return block_log_weights - curvature * jnp.sum(differences * differences, axis=-1), differences
+
+
+def _block_starts(num_blocks, block_size):
+    return jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+
+
+def _blockwise_statistics(x, context, log_weights, time, curvature, block_size):
+    """Streams over anchor blocks.
+
+    Returns:
+      ``(mean (B, D), log-sum-exp of the logits (B,), index of each row's largest logit (B,) int32)``.
+    """
     blocks = _split_blocks(context, block_size, 0.0)
     weight_blocks = _split_blocks(log_weights, block_size, -jnp.inf)
 
     def accumulate(carry, block):
-        running_max, running_sum, running_weighted = carry
-        anchors, block_log_weights = block
-        logits = _logits(x, anchors, _squared_norms(anchors), block_log_weights, signal, quadratic)
-        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+        running_max, running_sum, running_weighted, running_argmax = carry
+        anchors, block_log_weights, start = block
+        logits, _ = _block_logits(x, anchors, block_log_weights, time, curvature)
+        block_max = jnp.max(logits, axis=-1)
+        new_max = jnp.maximum(running_max, block_max)
+        argmax = jnp.where(block_max > running_max, start + jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                           running_argmax)
         shift = _finite_or_zero(new_max)
         rescale = jnp.exp(running_max - shift)
         probs = jnp.exp(logits - shift[:, None])
         running_sum = running_sum * rescale + jnp.sum(probs, axis=-1)
         running_weighted = running_weighted * rescale[:, None] + jnp.matmul(probs, anchors, precision=HIGHEST)
-        return (new_max, running_sum, running_weighted), None
+        return (new_max, running_sum, running_weighted, argmax), None
 
-    init = (
-        jnp.full((batch,), -jnp.inf, x.dtype),
-        jnp.zeros((batch,), x.dtype),
-        jnp.zeros((batch, dim), x.dtype),
-    )
-    (row_max, row_sum, weighted), _ = jax.lax.scan(accumulate, init, (blocks, weight_blocks))
-    return weighted / row_sum[:, None], _finite_or_zero(row_max) + jnp.log(row_sum)
+    # Built from x so that, inside shard_map, the carries vary over the same mesh axes as the scan's outputs.
+    row = x[:, 0]
+    init = (jnp.full_like(row, -jnp.inf), jnp.zeros_like(row), jnp.zeros_like(x), jnp.zeros_like(row, jnp.int32))
+    starts = _block_starts(blocks.shape[0], block_size)
+    (row_max, row_sum, weighted, argmax), _ = jax.lax.scan(accumulate, init, (blocks, weight_blocks, starts))
+    return weighted / row_sum[:, None], _finite_or_zero(row_max) + jnp.log(row_sum), argmax
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _blockwise_posterior(x, context, log_weights, signal, quadratic, block_size):
+def _blockwise_posterior(x, context, log_weights, time, curvature, block_size):
     """(mean (B, D), log-sum-exp (B,)) computed over anchor blocks of ``block_size``."""
-    return _blockwise_statistics(x, context, log_weights, signal, quadratic, block_size)
+    return _blockwise_statistics(x, context, log_weights, time, curvature, block_size)[:2]
 
 
-def _blockwise_posterior_fwd(x, context, log_weights, signal, quadratic, block_size):
-    mean, log_normaliser = _blockwise_statistics(x, context, log_weights, signal, quadratic, block_size)
-    return (mean, log_normaliser), (x, context, log_weights, signal, quadratic, log_normaliser)
+def _blockwise_posterior_fwd(x, context, log_weights, time, curvature, block_size):
+    mean, log_normaliser, pivot = _blockwise_statistics(x, context, log_weights, time, curvature, block_size)
+    return (mean, log_normaliser), (x, context, log_weights, time, curvature, log_normaliser, pivot)
 
 
 def _blockwise_posterior_bwd(block_size, residuals, cotangents):
-    x, context, log_weights, signal, quadratic, log_normaliser = residuals
+    """Recomputes each block twice. The recomputed posterior may differ from the forward's by rounding, and
+    near t = 0 the 1/t^2 scale amplifies any mismatch in ``g_probs_j - sum_k probs_k g_probs_k`` by ~1e8. So
+    the products are taken relative to each row's pivot (its largest forward logit) from exact differences,
+    ``<g_mean, a_j - a_pivot>``, which is exactly zero at the pivot: a one-hot row then gets exactly zero
+    logit cotangents, however the recomputation rounds."""
+    x, context, log_weights, time, curvature, log_normaliser, pivot = residuals
     g_mean, g_log_normaliser = cotangents
     n = context.shape[0]
     blocks = _split_blocks(context, block_size, 0.0)
     weight_blocks = _split_blocks(log_weights, block_size, -jnp.inf)
+    pivot_anchors = context[pivot]
 
     def block_posterior(block):
         anchors, block_log_weights = block
-        logits = _logits(x, anchors, _squared_norms(anchors), block_log_weights, signal, quadratic)
-        return jnp.exp(logits - log_normaliser[:, None]), jnp.matmul(g_mean, anchors.T, precision=HIGHEST)
+        logits, differences = _block_logits(x, anchors, block_log_weights, time, curvature)
+        probs = jnp.exp(logits - log_normaliser[:, None])
+        relative_g_probs = jnp.einsum("bd,bjd->bj", g_mean, anchors[None, :, :] - pivot_anchors[:, None, :],
+                                      precision=HIGHEST)
+        return probs, relative_g_probs, differences
 
-    # First pass: sum_j probs_j g_probs_j from the same products the second pass subtracts it from, so that a
-    # one-hot posterior cancels exactly (see _logit_cotangents); the flash-attention shortcut <g_mean, mean>
-    # would leave rounding noise amplified by the 1/t^2 logit scale.
     def accumulate_row_dot(row_dot, block):
-        probs, g_probs = block_posterior(block)
-        return row_dot + jnp.sum(probs * g_probs, axis=-1), None
+        probs, relative_g_probs, _ = block_posterior(block)
+        return row_dot + jnp.sum(probs * relative_g_probs, axis=-1), None
 
     row_dot, _ = jax.lax.scan(accumulate_row_dot, jnp.zeros_like(log_normaliser), (blocks, weight_blocks))
+    # d lse / d logits = probs, so the log-normaliser's cotangent enters as a constant shift of g_probs.
     shift = (g_log_normaliser - row_dot)[:, None]
 
     def block_cotangents(g_x, block):
-        probs, g_probs = block_posterior(block)
-        # d lse / d logits = probs, so the log-normaliser's cotangent enters as a constant shift of g_probs.
-        g_logits = probs * (g_probs + shift)
-        anchors = block[0]
-        g_anchors = jnp.matmul(probs.T, g_mean, precision=HIGHEST)
-        g_x_block, g_anchors, g_block_log_weights = _inner_product_cotangents(x, anchors, signal, g_logits, g_anchors)
-        g_anchors = g_anchors - (2.0 * quadratic) * g_block_log_weights[:, None] * anchors
-        return g_x + g_x_block, (g_anchors, g_block_log_weights)
+        probs, relative_g_probs, differences = block_posterior(block)
+        g_logits = probs * (relative_g_probs + shift)
+        # logits = -curvature |x - (1 - t) a|^2: d/dx = -2 curvature (...), d/da = +2 curvature (1 - t) (...).
+        weighted_differences = (2.0 * curvature) * g_logits[:, :, None] * differences
+        g_anchors = (jnp.matmul(probs.T, g_mean, precision=HIGHEST)
+                     + (1.0 - time) * jnp.sum(weighted_differences, axis=0))
+        return g_x - jnp.sum(weighted_differences, axis=1), (g_anchors, jnp.sum(g_logits, axis=0))
 
     g_x, (g_blocks, g_weight_blocks) = jax.lax.scan(block_cotangents, jnp.zeros_like(x), (blocks, weight_blocks))
     g_context = g_blocks.reshape((-1, context.shape[1]))[:n]
     g_log_weights = g_weight_blocks.reshape(-1)[:n]
-    return g_x, g_context, g_log_weights, jnp.zeros_like(signal), jnp.zeros_like(quadratic)
+    return g_x, g_context, g_log_weights, jnp.zeros_like(time), jnp.zeros_like(curvature)
 
 
 _blockwise_posterior.defvjp(_blockwise_posterior_fwd, _blockwise_posterior_bwd)
@@ -327,7 +366,8 @@ reference_squared_distances.defvjp(_reference_squared_distances_fwd, _reference_
 
 def zone_reference(points: jax.Array, context: jax.Array) -> ZoneReference:
     """The reference for rows whose own anchors are ``points`` (B, D), against ``context`` (N, D)."""
-    return ZoneReference(points, reference_squared_distances(points, context))
+    # Inside shard_map a replicated context (e.g. label anchors) must vary like the rows before the custom VJP.
+    return ZoneReference(points, reference_squared_distances(*match_varying_axes(points, context)))
 
 
 def posterior(
@@ -347,8 +387,8 @@ def posterior(
       coefficients: ``time_coefficients(t)`` (host float64, or traced scalars inside a scan).
       log_weights: (N,) log mixture weights (``-inf`` excludes an anchor); None means uniform.
       block_size: None for the dense kernel; an int streams over anchor blocks of that size.
-      reference: per-row reference points (dense kernel only), which make the logits exact for nearby anchors
-        in float32; the posterior is the same in exact arithmetic.
+      reference: per-row reference points, which make the dense kernel's logits exact for nearby anchors in
+        float32 (the posterior is the same in exact arithmetic); the blockwise kernel, exact anyway, ignores it.
     Returns:
       ``(mean (B, D), log_probs)``: with the dense kernel ``log_probs`` is the (B, N) normalised log posterior;
       with the blockwise kernel it is the (B,) log normaliser ``logsumexp_j logits_j`` instead (the full matrix
@@ -359,15 +399,16 @@ def posterior(
     signal = jnp.asarray(coefficients.signal, dtype)
     quadratic = jnp.asarray(coefficients.quadratic, dtype)
     if block_size is not None:
-        if reference is not None:
-            raise ValueError("the blockwise kernel takes no reference points")
-        x, context, log_weights, signal, quadratic = match_varying_axes(x, context, log_weights, signal, quadratic)
-        return _blockwise_posterior(x, context, log_weights, signal, quadratic, int(block_size))
+        # Exact differences need no reference point: they are what the reference point approximates.
+        time = jnp.asarray(coefficients.time, dtype)
+        curvature = jnp.asarray(coefficients.curvature, dtype)
+        operands = match_varying_axes(x, context, log_weights, time, curvature)
+        return _blockwise_posterior(*operands, int(block_size))
     if reference is None:
         query, offsets = x, _squared_norms(context)
     else:
         # The offset from the reference is formed before any product, so it keeps its own precision.
-        query = x - jnp.asarray(coefficients.decay, dtype) * reference.points
+        query = offset_from(x, reference.points, jnp.asarray(coefficients.time, dtype))
         offsets = reference.squared_distances
     operands = match_varying_axes(query, context, offsets, log_weights, signal, quadratic)
     return _dense_posterior(*operands)
@@ -386,11 +427,10 @@ def target_log_prob(
       x: (B, D) points; targets_context: (B, D) the target anchor of every row;
       target_log_weights: (B,) their log weights (None: uniform); log_normaliser: (B,) from :func:`posterior`.
     Returns:
-      (B,) ``log pi_{b, k_b}``.
+      (B,) ``log pi_{b, k_b}``, with the blockwise kernel's exact-difference logits.
     """
-    signal = jnp.asarray(coefficients.signal, x.dtype)
-    quadratic = jnp.asarray(coefficients.quadratic, x.dtype)
-    logits = signal * jnp.sum(x * targets_context, -1) - quadratic * jnp.sum(targets_context**2, -1)
+    difference = offset_from(x, targets_context, jnp.asarray(coefficients.time, x.dtype))
+    logits = -jnp.asarray(coefficients.curvature, x.dtype) * jnp.sum(difference * difference, axis=-1)
     if target_log_weights is not None:
         logits = logits + target_log_weights
     return logits - log_normaliser
@@ -457,3 +497,43 @@ def rematerialise(evaluate, *, num_steps, batch, num_anchors, dim, dtype, block_
     if saved_posteriors_bytes(num_steps, batch, num_anchors, dim, dtype) <= memory_budget_bytes:
         return evaluate
     return jax.checkpoint(evaluate, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+def posterior_output(x, context, coefficients, mean_and_logp, *, log_weights, targets, block_size):
+    """What a reverse step records: the full (B, N) log posterior, or only each row's target entry (B,)."""
+    _, log_probs = mean_and_logp
+    if block_size is not None:
+        target_weights = None if log_weights is None else log_weights[targets]
+        return target_log_prob(x, context[targets], target_weights, coefficients, log_probs)
+    if targets is None:
+        return log_probs
+    return jnp.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0]
+
+
+def posterior_evaluator(
+    context, *, num_steps, batch, log_weights=None, targets=None, reference=None, record=False, block_size=None,
+    memory_budget_bytes=DEFAULT_MEMORY_BUDGET_BYTES,
+):
+    """The per-step model evaluation of a solver, rematerialised as the memory budget says.
+
+    Returns:
+      ``evaluate(x (B, D), coefficients) -> (mean (B, D), recorded)``, where ``recorded`` is what
+      :func:`posterior_output` gives when ``record`` is set, else None.
+    """
+
+    def evaluate(x, coefficients):
+        mean_and_logp = posterior(
+            x, context, coefficients, log_weights=log_weights, block_size=block_size, reference=reference
+        )
+        recorded = None
+        if record:
+            recorded = posterior_output(
+                x, context, coefficients, mean_and_logp, log_weights=log_weights, targets=targets,
+                block_size=block_size,
+            )
+        return mean_and_logp[0], recorded
+
+    return rematerialise(
+        evaluate, num_steps=num_steps, batch=batch, num_anchors=context.shape[0], dim=context.shape[1],
+        dtype=context.dtype, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
+    )

@@ -5,7 +5,6 @@ tensor, max-shifted pdfs with weights multiplied after the shift, Euler with ``t
 the data prediction derived from the velocity through the noise prediction, exactly as the reference does.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

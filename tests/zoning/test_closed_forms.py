@@ -129,6 +129,12 @@ def test_class_log_weights():
     np.testing.assert_allclose(jnp.exp(log_w), [2 / 6, 0, 3 / 6, 1 / 6, 0], atol=1e-7)
 
 
+def test_class_log_weights_are_float64_under_x64(x64):
+    log_w = zoning.class_log_weights(jnp.array([0, 1, 1]), 2)
+    assert log_w.dtype == jnp.float64
+    np.testing.assert_allclose(log_w, np.log([1 / 3, 2 / 3]), rtol=1e-15)
+
+
 def test_bad_input_raises_clear_errors():
     a = jnp.ones((4, 3))
     with pytest.raises(ValueError, match="solver='rk45' does not exist"):
@@ -151,3 +157,7 @@ def test_bad_input_raises_clear_errors():
         zoning.alignment_loss(jnp.zeros((10, 4, 4)), jnp.zeros(4, jnp.int32), cut_off=1.0)
     with pytest.raises(ValueError, match="block_size needs targets"):
         zoning.assign(a, a, block_size=2)
+    with pytest.raises(ValueError, match="targets must index the 4 context anchors"):
+        zoning.assign(a, a, targets=jnp.array([0, 1, 2, 4]))
+    with pytest.raises(ValueError, match="targets must index the 4 context anchors"):
+        zoning.assign(a, a, targets=jnp.array([0, 1, 2, -1]))

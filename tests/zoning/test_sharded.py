@@ -35,19 +35,19 @@ def assert_trees_close(a, b, rtol=1e-9):
         np.testing.assert_allclose(x[finite], y[finite], rtol=rtol, atol=rtol * scale)
 
 
-@pytest.mark.parametrize("shape,names,axis", MESHES)
+@pytest.mark.parametrize("shape,names,axis,block_size", [m + (None,) for m in MESHES] + [MESHES[1] + (5,)])
 @pytest.mark.parametrize("solver", ["euler", "dpm_solver++"])
-def test_sharded_latents_and_gradients_equal_unsharded(x64, shape, names, axis, solver):
+def test_sharded_latents_and_gradients_equal_unsharded(x64, shape, names, axis, block_size, solver):
     mesh = make_mesh(shape, names)
     anchors, prior, projection, _ = problem()
 
     def unsharded_loss(anchors):
-        latents = zoning.compute_latents(anchors, prior, solver=solver, num_steps=6)
+        latents = zoning.compute_latents(anchors, prior, solver=solver, num_steps=6, block_size=block_size)
         return jnp.mean(jnp.sum(latents * projection, -1)), latents
 
     def sharded_loss(anchors):
         latents, index = zoning.compute_latents_sharded(anchors, prior, mesh=mesh, axis_name=axis, solver=solver,
-                                                        num_steps=6)
+                                                        num_steps=6, block_size=block_size)
         return jnp.mean(jnp.sum(latents * projection, -1)), (latents, index)
 
     (loss, latents), grads = jax.value_and_grad(unsharded_loss, has_aux=True)(anchors)
@@ -101,6 +101,33 @@ def test_sharded_label_flow_with_global_class_weights_equals_unsharded(x64):
     expected = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(latents, label_anchors, False)
     got = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)(
         latents, label_anchors, True)
+    assert_trees_close(got, expected)
+
+
+def test_label_flow_forward_with_replicated_context_equals_unsharded(x64):
+    """Case study 3's class-conditional latents: each device's rows start at their label anchors, and the
+    context is the replicated label-anchor table, inside the caller's own shard_map."""
+    mesh = make_mesh((8,), ("data",))
+    rng = np.random.default_rng(4)
+    label_anchors = jnp.asarray(rng.standard_normal((3, 5)))
+    labels = jnp.asarray(rng.integers(0, 3, 16))
+    noise = jnp.asarray(rng.standard_normal((16, 5)))
+
+    def local_loss(label_anchors, labels, noise):
+        latents = zoning.compute_latents(label_anchors[labels], noise, context=label_anchors, solver="euler",
+                                         num_steps=8)
+        return jax.lax.psum(jnp.sum(latents**2), "data") / 16
+
+    sharded = jax.shard_map(local_loss, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec("data"),
+                                                             PartitionSpec("data")), out_specs=PartitionSpec())
+
+    def unsharded(label_anchors, labels, noise):
+        latents = zoning.compute_latents(label_anchors[labels], noise, context=label_anchors, solver="euler",
+                                         num_steps=8)
+        return jnp.sum(latents**2) / 16
+
+    expected = jax.value_and_grad(unsharded)(label_anchors, labels, noise)
+    got = jax.jit(jax.value_and_grad(sharded))(label_anchors, labels, noise)
     assert_trees_close(got, expected)
 
 
