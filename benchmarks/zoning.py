@@ -152,6 +152,12 @@ def fmt_bytes(result):
     return f"{result['peak_bytes'] / 2**30:.2f}G"
 
 
+def speedup(baseline, ours) -> str:
+    if baseline is None or "error" in baseline or "error" in ours:
+        return "-"
+    return f"{baseline['seconds'] / ours['seconds']:.0f}x"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1024,2048,4096,8192")
@@ -190,16 +196,11 @@ def main() -> None:
                         [args.torch_python, str(REPO / "benchmarks" / "zoning_torch_reference.py"), solver,
                          str(size), str(args.dim), str(args.steps), str(args.repeats)], args.timeout)
 
-            def ratio(baseline):
-                if baseline is None or "error" in baseline or "error" in ours:
-                    return "-"
-                return f"{baseline['seconds'] / ours['seconds']:.0f}x"
-
             fraction = "-" if "error" in ours or "error" in matmuls else \
                 f"{matmuls['seconds'] / ours['seconds']:.0%}"
             print(f"{solver:<13}{size:>6} | {fmt_seconds(ours):>9}{fmt_bytes(ours):>7} | "
                   f"{fmt_seconds(jax_bcast):>9}{fmt_bytes(jax_bcast):>7} | {fmt_seconds(torch_bcast):>9}"
-                  f"{fmt_bytes(torch_bcast):>7} | {ratio(torch_bcast):>8}{ratio(jax_bcast):>8} | "
+                  f"{fmt_bytes(torch_bcast):>7} | {speedup(torch_bcast, ours):>8}{speedup(jax_bcast, ours):>8} | "
                   f"{fmt_seconds(matmuls):>9}{fraction:>6}", flush=True)
 
 
