@@ -1,0 +1,109 @@
+"""ResNet-50-GN: paper sizes, v1.5 bottleneck against NumPy, zero-init residual, input mapping, head, dtype, remat."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lzn_jax import models
+from lzn_jax.models import resnet
+from tests.models import numpy_reference as ref
+
+TINY = dict(name="resnet50_gn", latent_dim=64, stage_sizes=(1,), head_num_layers=2)  # one stage: 256 features
+
+
+def _count(tree):
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("head_num_layers, expected", [(2, 28_231_232), (1, 24_032_832), (0, 23_508_032)])
+def test_parameter_count_equals_paper(head_num_layers, expected):
+    module = models.build(resnet.resnet50_gn_config(head_num_layers=head_num_layers))
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    assert _count(shapes) == expected
+
+
+def test_resnet50_shapes_through_eval_shape():
+    module = models.build(resnet.resnet50_gn_config(), dtype="bfloat16")
+    x = jnp.zeros((2, 224, 224, 3))
+    params = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
+    anchors, features = jax.eval_shape(lambda p: module.apply(p, x, return_features=True), params)
+    assert anchors.shape == (2, 256) and features.shape == (2, 2048)
+    assert anchors.dtype == features.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("stride, use_projection, channels", [(2, True, 64), (1, False, 128)])
+def test_bottleneck_matches_numpy_v1_5(stride, use_projection, channels):
+    """Stride on the 3x3 conv with symmetric padding; an even input size tells this apart from 'SAME' padding."""
+    block = resnet.BottleneckBlock(width=32, stride=stride, use_projection=use_projection)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, channels)), jnp.float32)
+    params = ref.random_params(block, x)
+    out = block.apply(params, x)
+    expected = ref.bottleneck_block(ref.to_numpy(params["params"]), np.asarray(x), stride=stride)
+    assert out.shape == expected.shape == (2, 6 // stride, 6 // stride, 128)
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_last_group_norm_of_each_block_starts_at_zero():
+    block = resnet.BottleneckBlock(width=32)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 4, 4, 128)), jnp.float32)
+    params = block.init(jax.random.key(0), x)
+    assert not np.any(np.asarray(params["params"]["norm_2"]["scale"]))
+    np.testing.assert_array_equal(block.apply(params, x), np.maximum(np.asarray(x), 0))
+
+
+def test_stem_sees_inputs_mapped_to_unit_interval():
+    module = models.build(TINY)
+    x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+    params = ref.random_params(module, x)
+    _, state = module.apply(params, x, capture_intermediates=lambda m, _: m.name == "stem_conv")
+    kernel = np.asarray(params["params"]["stem_conv"]["kernel"])
+    expected = ref.conv2d((np.asarray(x, np.float64) + 1) / 2, kernel, stride=2, padding=((3, 3), (3, 3)))
+    np.testing.assert_allclose(state["intermediates"]["stem_conv"]["__call__"][0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("head_num_layers", [0, 1, 2])
+def test_projection_head_matches_numpy(head_num_layers):
+    module = models.build(TINY, head_num_layers=head_num_layers)
+    x = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+    params = ref.random_params(module, x)
+    anchors, features = module.apply(params, x, return_features=True)
+    assert features.shape == (2, 256) and anchors.dtype == jnp.float32
+    h = np.asarray(features, np.float64)
+    p = ref.to_numpy(params["params"])
+    for i in range(head_num_layers):
+        h = ref.group_norm(h @ p[f"head_dense_{i}"]["kernel"], 32, p[f"head_norm_{i}"]["scale"],
+                           p[f"head_norm_{i}"]["bias"], 1e-5)
+        if i < head_num_layers - 1:
+            h = np.maximum(h, 0)
+    assert anchors.shape == ((2, 256) if head_num_layers == 0 else (2, 64))
+    np.testing.assert_allclose(anchors, h, rtol=1e-4, atol=1e-4)
+
+
+def test_initialisation_is_pytorch_default():
+    module = models.build(TINY)
+    x = jnp.zeros((1, 16, 16, 3))
+    params = module.init(jax.random.key(0), x)["params"]
+    kernel = np.asarray(params["stem_conv"]["kernel"])
+    bound = 1 / np.sqrt(7 * 7 * 3)
+    assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.95 * bound
+    assert "bias" not in params["stem_conv"] and "bias" not in params["head_dense_0"]
+    assert np.abs(np.asarray(params["head_dense_1"]["kernel"])).max() <= 1 / np.sqrt(256)
+
+
+def test_bfloat16_close_and_remat_identical():
+    x = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+    plain = models.build(TINY)
+    params = ref.random_params(plain, x)
+
+    anchors16 = models.build(TINY, dtype="bfloat16").apply(params, x)
+    anchors32 = plain.apply(params, x)
+    assert anchors16.dtype == jnp.float32
+    error = np.linalg.norm(anchors16 - anchors32) / np.linalg.norm(anchors32)
+    assert 1e-5 < error < 3e-2
+
+    remat = models.build(TINY, remat=True)
+    loss = lambda module: jax.value_and_grad(lambda p: jnp.sum(module.apply(p, x) ** 2))(params)
+    (value_plain, grads_plain), (value_remat, grads_remat) = loss(plain), loss(remat)
+    np.testing.assert_allclose(value_remat, value_plain, rtol=1e-6)
+    ref.assert_trees_equal_up_to_float32_rounding(grads_remat, grads_plain)
