@@ -33,6 +33,11 @@ def _per_step_scalars(times: np.ndarray, step: float, dtype) -> tuple[velocity_l
     return coefficients, jnp.asarray(step / times, dtype)
 
 
+def forward_start(anchors: jax.Array, noise: jax.Array, eps: float) -> jax.Array:
+    """(B, D) start of the forward flow at t = eps: ``eps * noise + (1 - eps) * anchors``."""
+    return jnp.asarray(eps, anchors.dtype) * noise + jnp.asarray(1.0 - eps, anchors.dtype) * anchors
+
+
 def euler_forward(
     anchors: jax.Array,
     noise: jax.Array,
@@ -40,6 +45,7 @@ def euler_forward(
     *,
     num_steps: int,
     eps: float,
+    reference: velocity_lib.ZoneReference | None = None,
     block_size: int | None = None,
     memory_budget_bytes: int = velocity_lib.DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> jax.Array:
@@ -48,13 +54,13 @@ def euler_forward(
     Args:
       anchors: (B, D) own anchors; noise: (B, D) prior draw already scaled by alpha; context: (N, D).
       num_steps: Euler steps from t = eps to t = 1; eps: start time (1e-4 in the reference).
+      reference: per-row reference points for the logits (``velocity.zone_reference(anchors, context)``).
     Returns:
       (B, D) latents at t = 1.
     """
     dtype = anchors.dtype
     times, step = forward_grid(num_steps, eps)
-    start = jnp.asarray(eps, dtype) * noise + jnp.asarray(1.0 - eps, dtype) * anchors
-    reference = None if block_size is not None else velocity_lib.zone_reference(anchors, context)
+    start = forward_start(anchors, noise, eps)
 
     evaluate = velocity_lib.posterior_evaluator(
         context, num_steps=num_steps, batch=anchors.shape[0], reference=reference, block_size=block_size,

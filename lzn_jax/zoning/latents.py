@@ -114,16 +114,17 @@ def compute_latents(
     _check_matrix("anchors", anchors)
     _check_matrix("noise", noise, dim=anchors.shape[1], rows=anchors.shape[0])
     _check_matrix("context", context, dim=anchors.shape[1])
+    # Logits measured from each row's own anchor (velocity.py); the blockwise kernel is exact without them.
+    reference = None if block_size is not None else velocity_lib.zone_reference(anchors, context)
     if solver == "euler":
         return euler_lib.euler_forward(
-            anchors, noise, context, num_steps=num_steps, eps=eps, block_size=block_size,
+            anchors, noise, context, num_steps=num_steps, eps=eps, reference=reference, block_size=block_size,
             memory_budget_bytes=memory_budget_bytes,
         )
-    start = jnp.asarray(eps, dtype) * noise + jnp.asarray(1.0 - eps, dtype) * anchors
-    reference = None if block_size is not None else velocity_lib.zone_reference(anchors, context)
     latents, _ = dpm_lib.dpm_solver_flow(
-        start, context, num_steps=num_steps, eps=eps, reverse=False, order=order, reference=reference,
-        lower_order_final=lower_order_final, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
+        euler_lib.forward_start(anchors, noise, eps), context, num_steps=num_steps, eps=eps, reverse=False,
+        order=order, lower_order_final=lower_order_final, reference=reference, block_size=block_size,
+        memory_budget_bytes=memory_budget_bytes,
     )
     return latents
 

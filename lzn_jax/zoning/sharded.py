@@ -21,6 +21,11 @@ from lzn_jax.zoning import latents as latents_lib
 AxisName = str | Sequence[str]
 
 
+def _axis_names(axis_name: AxisName) -> str | tuple[str, ...]:
+    """A mesh axis name, or several as a tuple (the form collectives and PartitionSpec take)."""
+    return axis_name if isinstance(axis_name, str) else tuple(axis_name)
+
+
 def gather_context(local_anchors: jax.Array, axis_name: AxisName) -> tuple[jax.Array, jax.Array]:
     """All devices' anchors in rank order, and the global row index of each local anchor.
 
@@ -29,7 +34,7 @@ def gather_context(local_anchors: jax.Array, axis_name: AxisName) -> tuple[jax.A
     Returns:
       ``(context (W * B_l, D), global_index (B_l,) int32)`` with global index ``rank * B_l + b``.
     """
-    axis_name = tuple(axis_name) if not isinstance(axis_name, str) else axis_name
+    axis_name = _axis_names(axis_name)
     context = jax.lax.all_gather(local_anchors, axis_name, tiled=True)
     local_rows = local_anchors.shape[0]
     rank = jax.lax.axis_index(axis_name)
@@ -61,7 +66,7 @@ def local_assign(local_latents, context, *, axis_name: AxisName, gather: bool, *
 
 
 def _axis_size(mesh: Mesh, axis_name: AxisName) -> int:
-    names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    names = (axis_name,) if isinstance(axis_name, str) else _axis_names(axis_name)
     missing = [name for name in names if name not in mesh.shape]
     if missing:
         raise ValueError(f"axis_name {axis_name!r} names mesh axes {missing} that the mesh {dict(mesh.shape)} lacks")
@@ -75,10 +80,6 @@ def _check_divisible(name: str, rows: int, mesh: Mesh, axis_name: AxisName) -> N
             f"{name} has {rows} rows, not divisible by the {devices} devices of mesh axis {axis_name!r}; "
             f"use a global batch that is a multiple of {devices} (every device needs the same number of rows)"
         )
-
-
-def _spec_axis(axis_name: AxisName):
-    return axis_name if isinstance(axis_name, str) else tuple(axis_name)
 
 
 def _place(mesh: Mesh, operands, specs):
@@ -96,7 +97,7 @@ def compute_latents_sharded(anchors, noise, *, mesh: Mesh, axis_name: AxisName =
       ``compute_latents(anchors, noise)`` and ``arange(B_g)``.
     """
     _check_divisible("anchors", anchors.shape[0], mesh, axis_name)
-    rows = PartitionSpec(_spec_axis(axis_name))
+    rows = PartitionSpec(_axis_names(axis_name))
 
     def local(local_anchors, local_noise):
         return local_compute_latents(local_anchors, local_noise, axis_name=axis_name, **solver_options)
@@ -129,9 +130,9 @@ def assign_sharded(
     _check_divisible("latents", latents.shape[0], mesh, axis_name)
     if context_sharded:
         _check_divisible("context", context.shape[0], mesh, axis_name)
-    rows = PartitionSpec(_spec_axis(axis_name))
+    rows = PartitionSpec(_axis_names(axis_name))
     replicated = PartitionSpec()
-    per_step_rows = PartitionSpec(None, _spec_axis(axis_name))
+    per_step_rows = PartitionSpec(None, _axis_names(axis_name))
     operands = [latents, context]
     in_specs = [rows, rows if context_sharded else replicated]
     for extra, spec in ((log_weights, replicated), (targets, rows)):
