@@ -9,8 +9,8 @@ For B = N in --sizes, D = 200, 20 steps, it times the gradient of sum(latents * 
   matmuls    the products forward + backward cannot avoid: per step (B,D)x(D,N) and (B,N)x(N,D) forward, two
              of each backward, timed at the same shapes; printed as a fraction of our time
 Each measurement runs in its own process. Memory: for JAX, XLA's compiled memory analysis (temporaries +
-arguments + outputs); for PyTorch, the peak resident set above the resident set once the inputs exist. Baselines run only up to --max-broadcast-size (their (B, N, D) tensors are 0.8 GB
-each at 1024).
+arguments + outputs); for PyTorch, the peak resident set above the resident set once the inputs exist.
+Baselines run only up to --max-broadcast-size (their (B, N, D) tensors are 0.8 GB each at 1024).
 
   python benchmarks/zoning.py --torch-python .venv-torch/bin/python
 """
@@ -53,15 +53,17 @@ def broadcast_forward_jax(anchors, prior, solver, steps):
         def step(x, t):
             return x + h * (x - data_prediction(x, t)) / t, None
 
-        x, _ = jax.lax.scan(step, eps * prior + (1 - eps) * anchors, jnp.asarray(eps + h * np.arange(steps), anchors.dtype))
+        times = jnp.asarray(eps + h * np.arange(steps), anchors.dtype)
+        x, _ = jax.lax.scan(step, eps * prior + (1 - eps) * anchors, times)
         return x
-    # DPM-Solver++(3M) coefficients from lzn_jax are reused only for the time grid; the update is the same.
+    # The host-side time grid and update coefficients come from lzn_jax (plain float64 numbers); what is
+    # measured is the broadcast velocity, evaluated as often as in our solver.
     from lzn_jax.zoning import dpm_solver
 
     eps = 1e-3
     times = dpm_solver.time_grid(steps, eps, reverse=False)
-    updates = jnp.asarray(dpm_solver.update_coefficients(times, dpm_solver.step_orders(steps, 3, True)),
-                          anchors.dtype)
+    orders = dpm_solver.step_orders(steps, 3, True)
+    updates = jnp.asarray(dpm_solver.update_coefficients(times, orders), anchors.dtype)
     x = eps * prior + (1 - eps) * anchors
     d1 = data_prediction(x, times[0])
 

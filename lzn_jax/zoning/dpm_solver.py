@@ -111,9 +111,7 @@ def dpm_solver_flow(
     dtype = start.dtype
     times = time_grid(num_steps, eps, reverse=reverse)
     updates = jnp.asarray(update_coefficients(times, step_orders(num_steps, order, lower_order_final)), dtype)
-    coefficients = velocity_lib.TimeCoefficients(
-        *(jnp.asarray(v, dtype) for v in velocity_lib.time_coefficients(times[:-1]))
-    )
+    coefficients = velocity_lib.time_coefficients_array(times[:-1], dtype)
 
     evaluate = velocity_lib.posterior_evaluator(
         context, num_steps=num_steps, batch=start.shape[0], log_weights=log_weights, targets=targets,

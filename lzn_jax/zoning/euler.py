@@ -28,7 +28,7 @@ def reverse_grid(num_steps: int) -> tuple[np.ndarray, float]:
 
 
 def _per_step_scalars(times: np.ndarray, step: float, dtype) -> tuple[velocity_lib.TimeCoefficients, jax.Array]:
-    coefficients = velocity_lib.TimeCoefficients(*(jnp.asarray(v, dtype) for v in velocity_lib.time_coefficients(times)))
+    coefficients = velocity_lib.time_coefficients_array(times, dtype)
     # x_next = x +- (h / t) (x - mean): the difference is formed first, so no large multiple of x cancels.
     return coefficients, jnp.asarray(step / times, dtype)
 

@@ -80,6 +80,11 @@ def time_coefficients(t: float | np.ndarray) -> TimeCoefficients:
     )
 
 
+def time_coefficients_array(times: np.ndarray, dtype) -> TimeCoefficients:
+    """``time_coefficients(times)`` computed in float64 on the host, then cast to ``dtype`` arrays (scan inputs)."""
+    return TimeCoefficients(*(jnp.asarray(v, dtype) for v in time_coefficients(times)))
+
+
 def solver_dtype(*arrays: jax.Array) -> jnp.dtype:
     """The dtype the solver computes in: float64 if any input is float64 (x64 runs), else float32.
 
@@ -396,8 +401,6 @@ def posterior(
     """
     dtype = x.dtype
     log_weights = _resolve_log_weights(log_weights, context.shape[0], dtype)
-    signal = jnp.asarray(coefficients.signal, dtype)
-    quadratic = jnp.asarray(coefficients.quadratic, dtype)
     if block_size is not None:
         # Exact differences need no reference point: they are what the reference point approximates.
         time = jnp.asarray(coefficients.time, dtype)
@@ -410,6 +413,8 @@ def posterior(
         # The offset from the reference is formed before any product, so it keeps its own precision.
         query = offset_from(x, reference.points, jnp.asarray(coefficients.time, dtype))
         offsets = reference.squared_distances
+    signal = jnp.asarray(coefficients.signal, dtype)
+    quadratic = jnp.asarray(coefficients.quadratic, dtype)
     operands = match_varying_axes(query, context, offsets, log_weights, signal, quadratic)
     return _dense_posterior(*operands)
 
