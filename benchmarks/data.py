@@ -7,7 +7,8 @@ Measures, on JPEGs this script writes (500x375, the typical ImageNet size) and o
   2. its host share when the photometric ops run on the device (decode + crops only), one thread;
   3. the device share (``apply_photometric_device`` under jit) on whatever jax backend is present;
   4. CIFAR-shaped 32x32x3 batches with random flips through the whole grain pipeline.
-The consumption side comes from the paper's training times (SPEC.md §7.4): there is no trainer yet to time.
+The consumption side comes from the paper's training times (docs/method.md, "Training recipes in brief"): there
+is no trainer yet to time. Results and the host-or-device decision they support: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from lzn_jax.data import augment, digits, folders, pipeline
+from lzn_jax.data import augment, device, folders, pipeline, sources
 
-# (name, global batch, iterations, hours, A100s) from SPEC.md §7.4 and the per-setting table.
+# (name, global batch, iterations, hours, A100s): the per-setting table of docs/method.md.
 PAPER_RUNS = (
     ("case 1 CIFAR10 32x32", 2000, 50_000, 8, 16),
     ("case 1 AFHQ-Cat 256x256", 256, 60_000, 10, 32),
@@ -90,7 +91,7 @@ def device_photometric_rate(batch_size: int, repeats: int) -> float:
     views = rng.integers(0, 256, (batch_size, 2, 224, 224, 3), dtype=np.uint8)
     samples = [[augment.sample_view_parameters(rng, options) for _ in range(2)] for _ in range(batch_size)]
     parameters = {k: np.array([[s[v][k] for v in range(2)] for s in samples]) for k in samples[0][0]}
-    function = jax.jit(augment.apply_photometric_device)
+    function = jax.jit(device.apply_photometric_device)
     views, parameters = jax.device_put((views, parameters))
     function(views, parameters).block_until_ready()
     best = float("inf")
@@ -106,10 +107,8 @@ def cifar_pipeline_rate(steps: int, num_threads: int) -> float:
     config = pipeline.default_config()
     config.update(image_size=32, batch_size=250, augmentation="flip", num_threads=num_threads)
     images = np.random.default_rng(0).integers(0, 256, (10_000, 32, 32, 3), dtype=np.uint8)
-    source = digits.ArraySource(images, np.zeros(10_000, np.int32))
-    iterator = pipeline.GlobalBatchIterator(
-        config, source=source, sharding=None, process_index=0, process_count=1, start_step=0
-    )
+    source = sources.ArraySource(images, np.zeros(10_000, np.int32))
+    iterator = pipeline.build_pipeline(config, source=source, process_index=0, process_count=1)
     next(iterator)
     start = time.perf_counter()
     for _ in range(steps):
@@ -132,7 +131,7 @@ def main() -> None:
         folder_rate = folder_generation_rate(
             write_jpegs(folder, arguments.num_images, width=512, height=512), arguments.repeats
         )
-    device = device_photometric_rate(arguments.device_batch, arguments.repeats)
+    device_rate = device_photometric_rate(arguments.device_batch, arguments.repeats)
     cifar_one = cifar_pipeline_rate(40, 1)
     cifar_all = cifar_pipeline_rate(40, cores)
 
@@ -140,14 +139,14 @@ def main() -> None:
     print(f"  decode only                                   {decode:8.1f} images/s")
     print(f"  device variant, host share (decode + 2 crops) {crops:8.1f} images/s")
     print(f"  host variant (decode + crops + photometric)   {full:8.1f} images/s   ({crops / full:.1f}x slower)")
-    print(f"device variant, photometric share on {jax.default_backend()} via jax: {device:8.1f} views/s "
-          f"= {device / 2:.1f} images/s (all {cores} cores of this machine when the backend is cpu)")
+    print(f"device variant, photometric share on {jax.default_backend()} via jax: {device_rate:8.1f} views/s "
+          f"= {device_rate / 2:.1f} images/s (all {cores} cores of this machine when the backend is cpu)")
     print(f"AFHQ-like 512x512 JPEG -> Resize(256) + flip, one thread: {folder_rate:8.1f} images/s")
     print("CIFAR-shaped 32x32x3 + flip through grain:")
     print(f"  1 read thread  {cifar_one:9.0f} images/s per core")
     print(f"  {cores} read threads {cifar_all:9.0f} images/s ({cifar_all / cores:.0f} per core)")
 
-    print("\nconsumption per A100 from the paper's training times (SPEC §7.4), and v5e host cores needed "
+    print("\nconsumption per A100 from the paper's training times, and v5e host cores needed "
           f"({V5E_CHIPS_PER_HOST} chips per host, assuming a v5e chip consumes what an A100 does):")
     for name, batch, iterations, hours, gpus in PAPER_RUNS:
         per_gpu = batch * iterations / (hours * 3600 * gpus)

@@ -86,8 +86,8 @@ def main():
     # compiles ~700 random-number kernels (over a minute on a 2-core CPU) for nothing here.
     encoder, decoder = models.build(enc_config), models.build(dec_config)
     shapes = jax.eval_shape(lambda key: {
-        "encoder": encoder.init(key, images[:1]),
-        "decoder": decoder.init(key, images[:1], t[:1], jnp.zeros((1, args.latent_dim))),
+        "encoder": encoder.init(key, *models.example_inputs(enc_config, 1, 32)),
+        "decoder": decoder.init(key, *models.example_inputs(dec_config, 1, 32)),
     }, jax.random.key(0))
     fill = np.random.default_rng(0)
     params = jax.tree.map(lambda s: jnp.asarray(0.02 * fill.standard_normal(s.shape), s.dtype), shapes)

@@ -1,18 +1,41 @@
-"""Latent zoning solver: forward + backward time and peak memory, side by side with baselines in one run.
-
-For B = N in --sizes, D = 200, 20 steps, it times the gradient of sum(latents * W) with respect to the anchors
-(own anchors = context, as in training) for Euler and DPM-Solver++:
-  ours       lzn_jax.zoning.compute_latents (dense kernel, remat policy by memory budget)
-  jax-bcast  the reference's (B, N, D) broadcast formulation written plainly in JAX (per-step checkpoint)
-  torch      the same broadcast formulation in PyTorch (benchmarks/zoning_torch_reference.py), run by a
-             separate Python that has CPU torch (--torch-python)
-  matmuls    the products forward + backward cannot avoid: per step (B,D)x(D,N) and (B,N)x(N,D) forward, two
-             of each backward, timed at the same shapes; printed as a fraction of our time
-Each measurement runs in its own process. Memory: for JAX, XLA's compiled memory analysis (temporaries +
-arguments + outputs); for PyTorch, the peak resident set above the resident set once the inputs exist.
-Baselines run only up to --max-broadcast-size (their (B, N, D) tensors are 0.8 GB each at 1024).
+"""Latent zoning solver: forward + backward time and memory, side by side with baselines measured in the same run.
 
   python benchmarks/zoning.py --torch-python .venv-torch/bin/python
+
+Three blocks, float32, D = 200 (--dim); every number is the best of --repeats timed runs after one untimed
+warm-up (the torch broadcast baseline, which takes minutes per run, gets no warm-up).
+
+1. Forward flow (--sizes, default B = N = 1024, 2048, 4096; Euler and DPM-Solver++, --steps 20): the gradient
+   of sum(latents * W) with respect to the anchors (own anchors = context, as in training).
+     remat      our rematerialisation decision, zoning.remat_plan: "kept" (each step's (B, N) posterior is kept
+                for the backward pass) or "remat" (each step's posterior evaluation is recomputed)
+     ours       lzn_jax.zoning.compute_latents (dense kernel, default options)
+     lean       the matmul form in PyTorch (benchmarks/zoning_torch_reference.py, run by --torch-python): logits
+                ((1-t) x A^T - (1-t)^2 |a|^2 / 2) / t^2, softmax, mean = p A, v = (x - mean) / t, the same
+                flows and time grids, plain autograd, nothing checkpointed. "x lean" = lean time / ours.
+     jax-bcast  the reference's (B, N, D) broadcast formulation written plainly in JAX, checkpointed per step
+     torch      the same broadcast formulation in PyTorch, checkpointed per step; "x torch" / "x jax-b" =
+                its time / ours. Both broadcast baselines run only up to --max-broadcast-size (default 1024:
+                each of their (B, N, D) tensors is 0.8 GB there), or not at all with --skip-broadcast.
+     matmuls    the six products per step that forward + backward cannot avoid ((B,D)x(D,N) and (B,N)x(N,D)
+                forward, two of each backward), timed alone at the same shapes; "frac" = their time / ours.
+2. Reverse flow (--assign-sizes, default 1024, 2048; reverse Euler, --assign-steps 100): the gradient of the
+   alignment loss (cut-off 0.2, probabilities) with respect to latents and context, targets = own index.
+     assign     zoning.assign (records the (S, B, N) log posteriors) + zoning.alignment_loss
+     targets    zoning.assign_targets (records (S, B)) + zoning.target_alignment_loss
+     lean       the matmul-form reverse flow in PyTorch: log-softmax per step, the target column, max over
+                the steps after the cut-off. "x lean" = lean time / assign, and lean time / targets.
+3. Blockwise kernel (--blockwise-sizes, default --sizes; both solvers): compute_latents with
+   SolverOptions(block_size=--block-size, 256) against the dense kernel (the "ours" measurement of block 1),
+   same loss; "time x" / "mem x" = blockwise / dense.
+
+Memory: for JAX, XLA's compiled memory analysis of the whole jitted gradient (temporaries + arguments +
+outputs; the process's resident-set peak is dominated by the compiler, so it would not measure the solver);
+for PyTorch, the process's peak resident set above the resident set once the inputs exist (it includes the
+allocator's cached blocks). The two are not the same measure: compare them as orders of magnitude.
+
+Each measurement runs in its own process. The machine is whatever runs the script: on a shared machine repeat
+the run; the ratios, measured in the same run, are more stable than the times.
 """
 
 from __future__ import annotations
@@ -26,6 +49,7 @@ import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+TORCH_SCRIPT = REPO / "benchmarks" / "zoning_torch_reference.py"
 
 
 # ----------------------------------------------------------------------------------------- measurements (child)
@@ -80,50 +104,73 @@ def broadcast_forward_jax(anchors, prior, solver, steps):
     return d1 + ratio * (x - d1) + c_a * (d1 - d2) + c_b * (d2 - d3)
 
 
-def measure_jax(kind: str, solver: str, size: int, dim: int, steps: int, repeats: int) -> dict:
+def matmul_floor(steps):
+    """Six products per step at the solver's shapes; distinct operands per step so none is hoisted."""
+    import jax
+    import jax.numpy as jnp
+
+    def products(x, a):
+        def step(carry, scale):
+            x, a = carry
+            logits = jnp.matmul(x * scale, a.T, precision="highest")
+            mean = jnp.matmul(logits, a, precision="highest")
+            g_probs = jnp.matmul(mean, a.T, precision="highest")
+            g_a1 = jnp.matmul(logits.T, mean, precision="highest")
+            g_x = jnp.matmul(g_probs, a, precision="highest")
+            g_a2 = jnp.matmul(g_probs.T, x, precision="highest")
+            return (x + 1e-3 * g_x, a + 1e-3 * (g_a1 + g_a2)), None
+
+        return jax.lax.scan(step, (x, a), jnp.linspace(1.0, 2.0, steps))[0]
+
+    return products
+
+
+def measure_jax(kind: str, solver: str, size: int, args) -> dict:
     import jax
     import jax.numpy as jnp
 
     from lzn_jax import zoning
 
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    anchors, prior, projection = (jax.random.normal(k, (size, dim), jnp.float32) for k in keys)
+    first, second, projection = (jax.random.normal(k, (size, args.dim), jnp.float32) for k in keys)
 
     if kind == "matmuls":
-        # 6 products per step at the solver's shapes; distinct operands per step so none is hoisted.
-        def products(x, a):
-            def step(carry, scale):
-                x, a = carry
-                logits = jnp.matmul(x * scale, a.T, precision="highest")
-                mean = jnp.matmul(logits, a, precision="highest")
-                g_probs = jnp.matmul(mean, a.T, precision="highest")
-                g_a1 = jnp.matmul(logits.T, mean, precision="highest")
-                g_x = jnp.matmul(g_probs, a, precision="highest")
-                g_a2 = jnp.matmul(g_probs.T, x, precision="highest")
-                return (x + 1e-3 * g_x, a + 1e-3 * (g_a1 + g_a2)), None
+        fn, fn_args = jax.jit(matmul_floor(args.steps)), (first, second)
+    elif kind in ("ours", "broadcast", "blockwise"):
+        anchors, prior = first, second
+        options = zoning.SolverOptions(solver=solver, num_steps=args.steps,
+                                       block_size=args.block_size if kind == "blockwise" else None)
 
-            return jax.lax.scan(step, (x, a), jnp.linspace(1.0, 2.0, steps))[0]
-
-        fn = jax.jit(products)
-        args = (anchors, prior)
-    else:
         def loss(anchors):
-            if kind == "ours":
-                latents = zoning.compute_latents(anchors, prior, solver=solver, num_steps=steps)
+            if kind == "broadcast":
+                latents = broadcast_forward_jax(anchors, prior, solver, args.steps)
             else:
-                latents = broadcast_forward_jax(anchors, prior, solver, steps)
+                latents = zoning.compute_latents(anchors, prior, options=options)
             return jnp.sum(latents * projection)
 
-        fn = jax.jit(jax.grad(loss))
-        args = (anchors,)
-    compiled = fn.lower(*args).compile()
+        fn, fn_args = jax.jit(jax.grad(loss)), (anchors,)
+    elif kind in ("assign", "targets"):
+        latents, context = first, second
+        targets = jnp.arange(size) % size
+        options = zoning.SolverOptions(solver="euler", num_steps=args.assign_steps)
+
+        def loss(latents, context):
+            if kind == "assign":
+                log_probs = zoning.assign(latents, context, options=options).log_probs
+                return zoning.alignment_loss(log_probs, targets, cut_off=0.2)
+            target_log_probs = zoning.assign_targets(latents, context, targets, options=options).target_log_probs
+            return zoning.target_alignment_loss(target_log_probs, cut_off=0.2)
+
+        fn, fn_args = jax.jit(jax.grad(loss, argnums=(0, 1))), (latents, context)
+    else:
+        raise ValueError(kind)
+
+    compiled = fn.lower(*fn_args).compile()
     times = []
-    for _ in range(repeats + 1):  # the first call warms up
+    for _ in range(args.repeats + 1):  # the first call warms up
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        jax.block_until_ready(compiled(*fn_args))
         times.append(time.perf_counter() - start)
-    # XLA's own account of what the executable allocates: its temporaries plus arguments and outputs. (The
-    # process's resident-set peak is dominated by the compiler here, so it would not measure the solver.)
     analysis = compiled.memory_analysis()
     peak = sum(getattr(analysis, f"{part}_size_in_bytes") for part in ("temp", "argument", "output"))
     return {"seconds": min(times[1:]), "peak_bytes": peak}
@@ -132,78 +179,161 @@ def measure_jax(kind: str, solver: str, size: int, dim: int, steps: int, repeats
 # ----------------------------------------------------------------------------------------- driver (parent)
 
 
-def run_child(command: list[str], timeout: float) -> dict | None:
+def run_child(command: list[str], timeout: float) -> dict:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                               env=dict(os.environ, PYTHONPATH=str(REPO)))
     except subprocess.TimeoutExpired:
-        return {"error": f"timeout after {timeout:.0f} s"}
+        return {"error": f"timeout {timeout:.0f}s"}
     if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["killed"])[-1][:120]}
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1][:120]}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def fmt_seconds(result):
-    return "-" if result is None else (result.get("error", "")[:24] if "error" in result else
-                                       f"{result['seconds']:.3f}s")
+def ok(result) -> bool:
+    return result is not None and "error" not in result
 
 
-def fmt_bytes(result):
-    if result is None or "error" in result:
+def fmt_seconds(result) -> str:
+    if result is None:
         return "-"
-    return f"{result['peak_bytes'] / 2**30:.2f}G"
+    return f"{result['seconds']:.3f}s" if ok(result) else "ERR"
 
 
-def speedup(baseline, ours) -> str:
-    if baseline is None or "error" in baseline or "error" in ours:
+def fmt_bytes(result) -> str:
+    return f"{result['peak_bytes'] / 2**30:.2f}G" if ok(result) else "-"
+
+
+def ratio(numerator, denominator, key="seconds") -> str:
+    if not (ok(numerator) and ok(denominator)):
         return "-"
-    return f"{baseline['seconds'] / ours['seconds']:.0f}x"
+    value = numerator[key] / denominator[key]
+    return f"{value:.2f}x" if value < 10 else f"{value:.0f}x"
+
+
+def fraction(part, whole) -> str:
+    return f"{part['seconds'] / whole['seconds']:.0%}" if ok(part) and ok(whole) else "-"
+
+
+def print_header(title: str, columns: list[tuple[str, int]]) -> None:
+    print(f"\n{title}")
+    print(" ".join(f"{name:<{width}}" if i == 0 else f"{name:>{width}}" for i, (name, width) in enumerate(columns)))
+    print("-" * (sum(width for _, width in columns) + len(columns) - 1))
+
+
+def print_row(columns: list[tuple[str, int]], cells: list[str]) -> None:
+    print(" ".join(f"{cell:<{width}}" if i == 0 else f"{cell:>{width}}"
+                   for i, ((_, width), cell) in enumerate(zip(columns, cells))), flush=True)
+
+
+def report_errors(results: dict) -> None:
+    for name, result in results.items():
+        if result is not None and "error" in result:
+            print(f"    {name}: {result['error']}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1024,2048,4096,8192")
+    parser.add_argument("--sizes", default="1024,2048,4096", help="B = N of the forward-flow table")
     parser.add_argument("--solvers", default="euler,dpm_solver++")
     parser.add_argument("--dim", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="forward-flow steps")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best is shown)")
     parser.add_argument("--max-broadcast-size", type=int, default=1024)
-    parser.add_argument("--torch-python", default=None, help="a Python with CPU torch for the PyTorch baseline")
-    parser.add_argument("--timeout", type=float, default=1200)
+    parser.add_argument("--skip-broadcast", action="store_true", help="leave out both broadcast baselines")
+    parser.add_argument("--assign-sizes", default="1024,2048", help="B = N of the reverse-flow table")
+    parser.add_argument("--assign-steps", type=int, default=100)
+    parser.add_argument("--blockwise-sizes", default=None, help="B = N of the blockwise table (default --sizes)")
+    parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--blocks", default="forward,assign,blockwise", help="which tables to run")
+    parser.add_argument("--torch-python", default=None, help="a Python with CPU torch for the PyTorch baselines")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "SOLVER", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         kind, solver, size = args.child
-        print(json.dumps(measure_jax(kind, solver, int(size), args.dim, args.steps, args.repeats)))
+        print(json.dumps(measure_jax(kind, solver, int(size), args)))
         return
 
-    me = [sys.executable, str(pathlib.Path(__file__).resolve())]
-    common = ["--dim", str(args.dim), "--steps", str(args.steps), "--repeats", str(args.repeats)]
-    print(f"zoning benchmark: D={args.dim}, {args.steps} steps, forward+backward, float32, "
-          f"{os.cpu_count()} CPU cores; best of {args.repeats}")
-    header = (f"{'solver':<13}{'B=N':>6} | {'ours':>9}{'mem':>7} | {'jax-bcast':>9}{'mem':>7} | "
-              f"{'torch':>9}{'mem':>7} | {'x torch':>8}{'x jax-b':>8} | {'matmuls':>9}{'frac':>6}")
-    print(header)
-    print("-" * len(header))
-    for solver in args.solvers.split(","):
-        for size in (int(s) for s in args.sizes.split(",")):
-            ours = run_child(me + common + ["--child", "ours", solver, str(size)], args.timeout)
-            matmuls = run_child(me + common + ["--child", "matmuls", solver, str(size)], args.timeout)
-            jax_bcast = torch_bcast = None
-            if size <= args.max_broadcast_size:
-                jax_bcast = run_child(me + common + ["--child", "broadcast", solver, str(size)], args.timeout)
-                if args.torch_python:
-                    torch_bcast = run_child(
-                        [args.torch_python, str(REPO / "benchmarks" / "zoning_torch_reference.py"), solver,
-                         str(size), str(args.dim), str(args.steps), str(args.repeats)], args.timeout)
+    from lzn_jax import zoning
 
-            fraction = "-" if "error" in ours or "error" in matmuls else \
-                f"{matmuls['seconds'] / ours['seconds']:.0%}"
-            print(f"{solver:<13}{size:>6} | {fmt_seconds(ours):>9}{fmt_bytes(ours):>7} | "
-                  f"{fmt_seconds(jax_bcast):>9}{fmt_bytes(jax_bcast):>7} | {fmt_seconds(torch_bcast):>9}"
-                  f"{fmt_bytes(torch_bcast):>7} | {speedup(torch_bcast, ours):>8}{speedup(jax_bcast, ours):>8} | "
-                  f"{fmt_seconds(matmuls):>9}{fraction:>6}", flush=True)
+    me = [sys.executable, str(pathlib.Path(__file__).resolve())]
+    common = ["--dim", str(args.dim), "--steps", str(args.steps), "--repeats", str(args.repeats),
+              "--assign-steps", str(args.assign_steps), "--block-size", str(args.block_size)]
+
+    def jax_child(kind, solver, size):
+        return run_child(me + common + ["--child", kind, solver, str(size)], args.timeout)
+
+    def torch_child(mode, formulation, solver, size, steps, warmup):
+        if not args.torch_python:
+            return None
+        return run_child([args.torch_python, str(TORCH_SCRIPT), mode, "--formulation", formulation,
+                          "--solver", solver, "--size", str(size), "--dim", str(args.dim), "--steps", str(steps),
+                          "--repeats", str(args.repeats), "--warmup", str(warmup)], args.timeout)
+
+    def plan(solver, steps, size):
+        decision = zoning.remat_plan(zoning.SolverOptions(solver=solver, num_steps=steps), batch=size,
+                                     num_anchors=size, dim=args.dim)
+        return "remat" if decision.rematerialise else "kept"
+
+    solvers = args.solvers.split(",")
+    sizes = [int(s) for s in args.sizes.split(",")]
+    blocks = args.blocks.split(",")
+    print(f"zoning benchmark: D={args.dim}, float32, forward + backward, {os.cpu_count()} CPU cores, "
+          f"best of {args.repeats} after a warm-up; {time.strftime('%Y-%m-%d %H:%M')}")
+
+    dense = {}
+    if "forward" in blocks:
+        columns = [("solver", 12), ("B=N", 5), ("remat", 5), ("ours", 8), ("mem", 6), ("lean", 8), ("mem", 6),
+                   ("x lean", 7), ("jax-bcast", 9), ("mem", 6), ("torch", 9), ("mem", 6), ("x torch", 7),
+                   ("x jax-b", 7), ("matmuls", 8), ("frac", 5)]
+        print_header(f"forward flow (compute_latents), {args.steps} steps, grad of sum(latents * W) w.r.t. "
+                     "anchors", columns)
+        for solver in solvers:
+            for size in sizes:
+                ours = dense[solver, size] = jax_child("ours", solver, size)
+                lean = torch_child("forward", "lean", solver, size, args.steps, warmup=1)
+                matmuls = jax_child("matmuls", solver, size)
+                jax_bcast = torch_bcast = None
+                if not args.skip_broadcast and size <= args.max_broadcast_size:
+                    jax_bcast = jax_child("broadcast", solver, size)
+                    torch_bcast = torch_child("forward", "broadcast", solver, size, args.steps, warmup=0)
+                print_row(columns, [solver, str(size), plan(solver, args.steps, size), fmt_seconds(ours),
+                                    fmt_bytes(ours), fmt_seconds(lean), fmt_bytes(lean), ratio(lean, ours),
+                                    fmt_seconds(jax_bcast), fmt_bytes(jax_bcast), fmt_seconds(torch_bcast),
+                                    fmt_bytes(torch_bcast), ratio(torch_bcast, ours), ratio(jax_bcast, ours),
+                                    fmt_seconds(matmuls), fraction(matmuls, ours)])
+                report_errors({"ours": ours, "lean": lean, "matmuls": matmuls, "jax-bcast": jax_bcast,
+                               "torch": torch_bcast})
+
+    if "assign" in blocks:
+        columns = [("B=N", 5), ("remat", 5), ("assign", 8), ("mem", 6), ("targets", 8), ("mem", 6), ("lean", 8),
+                   ("mem", 6), ("x lean/a", 8), ("x lean/t", 8)]
+        print_header(f"reverse flow (assign, Euler {args.assign_steps} steps), grad of the alignment loss w.r.t. "
+                    "latents and context", columns)
+        for size in (int(s) for s in args.assign_sizes.split(",")):
+            full = jax_child("assign", "euler", size)
+            targets = jax_child("targets", "euler", size)
+            lean = torch_child("assign", "lean", "euler", size, args.assign_steps, warmup=1)
+            print_row(columns, [str(size), plan("euler", args.assign_steps, size), fmt_seconds(full),
+                                fmt_bytes(full), fmt_seconds(targets), fmt_bytes(targets), fmt_seconds(lean),
+                                fmt_bytes(lean), ratio(lean, full), ratio(lean, targets)])
+            report_errors({"assign": full, "targets": targets, "lean": lean})
+
+    if "blockwise" in blocks:
+        columns = [("solver", 12), ("B=N", 5), ("dense", 8), ("mem", 6), (f"block{args.block_size}", 9),
+                   ("mem", 6), ("time x", 7), ("mem x", 6)]
+        print_header(f"blockwise kernel (compute_latents, block_size={args.block_size}) vs dense, "
+                    f"{args.steps} steps, same loss", columns)
+        for solver in solvers:
+            for size in (int(s) for s in (args.blockwise_sizes or args.sizes).split(",")):
+                dense_result = dense.get((solver, size)) or jax_child("ours", solver, size)
+                blockwise = jax_child("blockwise", solver, size)
+                print_row(columns, [solver, str(size), fmt_seconds(dense_result), fmt_bytes(dense_result),
+                                    fmt_seconds(blockwise), fmt_bytes(blockwise), ratio(blockwise, dense_result),
+                                    ratio(blockwise, dense_result, key="peak_bytes")])
+                report_errors({"dense": dense_result, "blockwise": blockwise})
 
 
 if __name__ == "__main__":

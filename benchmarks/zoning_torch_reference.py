@@ -1,24 +1,40 @@
-"""The reference's broadcast (B, N, D) latent-flow formulation, written plainly in PyTorch, for timing only.
+"""PyTorch baselines of the latent flows for benchmarks/zoning.py, for timing only.
 
-Runs under a separate Python with CPU torch (see benchmarks/zoning.py); it imports nothing from lzn_jax.
-Follows SPEC.md §1.2-1.6: implied noises (B, N, D), max-shifted pdfs, weighted sums. Each velocity evaluation
-is checkpointed (non-reentrant), as the reference does for Euler; its DPM-Solver path keeps every step instead,
-which at these sizes does not fit in 24 GB, so it is checkpointed here too.
+Runs under a separate Python with CPU torch (``--torch-python`` of benchmarks/zoning.py); it imports nothing
+from lzn_jax. Two formulations of the same posterior velocity share the same flows and time grids:
+
+  broadcast  the reference's formulation (SPEC.md §1.2-1.6): implied noises (B, N, D), max-shifted pdfs,
+             weighted sums. Each velocity evaluation is checkpointed (non-reentrant), as the reference does for
+             Euler; its DPM-Solver path keeps every step instead, which at these sizes does not fit in 24 GB, so
+             it is checkpointed here too.
+  lean       what a PyTorch user writes first to fix it: the logits as one (B, N) matmul, a softmax and a
+             second matmul for the mean; plain autograd, nothing checkpointed, no (B, N, D) tensor.
+
+Modes (first argument):
+  forward  {broadcast,lean}: gradient of sum(latents * W) w.r.t. the anchors through the forward flow (Euler or
+           DPM-Solver++), own anchors = context, as in training.
+  assign   lean only: reverse Euler flow from latents to context, each row's target log posterior per step,
+           alignment loss -mean_b max_{s >= cut} P[s, b, target_b]; gradient w.r.t. latents and context.
+
 Prints one JSON line: {"seconds": best of the repeats, "peak_bytes": peak resident memory above the
-baseline after the inputs exist}.
+resident set once the inputs exist}. The peak is the process's high-water mark, so the first run sets it.
 """
 
+import argparse
 import json
 import math
 import resource
-import sys
 import time
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+# ------------------------------------------------------------------------------------------ velocity fields
+# Each returns (velocity (B, D), data prediction (B, D)) at points x (B, D) and time t (a Python float);
+# code time: anchors at t = 0, the Gaussian at t = 1.
 
-def velocity_and_mean(x, t, anchors):
+
+def broadcast_velocity(x, t, anchors):
     noise = (x[:, None, :] - (1 - t) * anchors[None]) / t
     log_pdf = -0.5 * (noise**2).sum(-1)
     pdf = torch.exp(log_pdf - log_pdf.max(dim=1, keepdim=True).values)
@@ -26,21 +42,45 @@ def velocity_and_mean(x, t, anchors):
     return v, x - t * v
 
 
-def euler_forward(anchors, prior, steps, eps=1e-4):
+def lean_logits(x, t, anchors, half_squared_norms):
+    """(B, N) log posterior up to a per-row constant: [(1 - t) <x, a> - (1 - t)^2 |a|^2 / 2] / t^2."""
+    return ((1 - t) * (x @ anchors.T) - (1 - t) ** 2 * half_squared_norms) / t**2
+
+
+def lean_velocity(x, t, anchors, half_squared_norms):
+    posterior = torch.softmax(lean_logits(x, t, anchors, half_squared_norms), dim=1)
+    mean = posterior @ anchors
+    return (x - mean) / t, mean
+
+
+def velocity_field(formulation, anchors):
+    """``evaluate(x, t) -> (velocity, data prediction)`` of one formulation against the context ``anchors``."""
+    if formulation == "broadcast":
+        return lambda x, t: checkpoint(broadcast_velocity, x, t, anchors, use_reentrant=False)
+    half_squared_norms = 0.5 * (anchors * anchors).sum(1)  # once per flow; it carries gradient to the anchors
+    return lambda x, t: lean_velocity(x, t, anchors, half_squared_norms)
+
+
+# ---------------------------------------------------------------------------------------------------- flows
+
+
+def euler_forward(evaluate, start, steps, eps=1e-4):
+    """t: eps -> 1 in ``steps`` equal steps, evaluated at eps + k h (never at t = 1)."""
     t, h = eps, (1 - eps) / steps
-    x = eps * prior + (1 - eps) * anchors
+    x = start
     for _ in range(steps):
-        v, _ = checkpoint(velocity_and_mean, x, t, anchors, use_reentrant=False)
-        x = x + h * v
+        velocity, _ = evaluate(x, t)
+        x = x + h * velocity
         t += h
     return x
 
 
-def dpm_forward(anchors, prior, steps, eps=1e-3, order=3):
+def dpm_forward(evaluate, start, steps, eps=1e-3, order=3):
+    """Multistep DPM-Solver++ (data prediction), t: eps -> 1 - eps on a uniform grid, warm-up orders 1, 2."""
     times = [eps + (1 - 2 * eps) * k / steps for k in range(steps + 1)]
     lam = [math.log((1 - t) / t) for t in times]
-    x = eps * prior + (1 - eps) * anchors
-    history = [checkpoint(velocity_and_mean, x, times[0], anchors, use_reentrant=False)[1]]
+    x = start
+    history = [evaluate(x, times[0])[1]]
     for k in range(1, steps + 1):
         step_order = min(k, order)
         h = lam[k] - lam[k - 1]
@@ -59,8 +99,26 @@ def dpm_forward(anchors, prior, steps, eps=1e-3, order=3):
             new = new + alpha_t * phi_2 * e1 - alpha_t * (phi_2 / h - 0.5) * e2
         x = new
         if k < steps:
-            history = (history + [checkpoint(velocity_and_mean, x, times[k], anchors, use_reentrant=False)[1]])[-3:]
+            history = (history + [evaluate(x, times[k])[1]])[-3:]
     return x
+
+
+def lean_alignment_loss(latents, context, targets, steps=100, cut_off=0.2):
+    """Reverse Euler t: 1 -> 0 (evaluated at 1 - k / steps), matmul-form posterior; -mean_b max_{s >= cut} P."""
+    half_squared_norms = 0.5 * (context * context).sum(1)
+    x, h = latents, 1.0 / steps
+    target_log_probs = []
+    for k in range(steps):
+        t = 1.0 - k * h
+        log_posterior = torch.log_softmax(lean_logits(x, t, context, half_squared_norms), dim=1)
+        target_log_probs.append(log_posterior.gather(1, targets[:, None])[:, 0])
+        mean = log_posterior.exp() @ context
+        x = x - (h / t) * (x - mean)
+    kept = torch.stack(target_log_probs[math.floor(steps * cut_off):])
+    return -kept.max(dim=0).values.exp().mean()
+
+
+# --------------------------------------------------------------------------------------------------- driver
 
 
 def resident_bytes():
@@ -71,21 +129,51 @@ def resident_bytes():
     return 0
 
 
-def main(solver, size, dim, steps, repeats):
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("forward", "assign"))
+    parser.add_argument("--formulation", choices=("broadcast", "lean"), default="lean")
+    parser.add_argument("--solver", choices=("euler", "dpm_solver++"), default="euler")
+    parser.add_argument("--size", type=int, required=True, help="B = N")
+    parser.add_argument("--dim", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=0, help="untimed runs first (they still set the peak)")
+    args = parser.parse_args()
+
     torch.manual_seed(0)
-    anchors = torch.randn(size, dim, requires_grad=True)
-    prior, projection = torch.randn(size, dim), torch.randn(size, dim)
-    flow = euler_forward if solver == "euler" else dpm_forward
+    if args.mode == "forward":
+        anchors = torch.randn(args.size, args.dim, requires_grad=True)
+        prior, projection = torch.randn(args.size, args.dim), torch.randn(args.size, args.dim)
+        flow = euler_forward if args.solver == "euler" else dpm_forward
+        eps = 1e-4 if args.solver == "euler" else 1e-3
+        leaves = (anchors,)
+
+        def loss():
+            start = eps * prior + (1 - eps) * anchors
+            return (flow(velocity_field(args.formulation, anchors), start, args.steps, eps) * projection).sum()
+    else:
+        if args.formulation != "lean":
+            parser.error("assign runs the lean formulation only")
+        latents = torch.randn(args.size, args.dim, requires_grad=True)
+        context = torch.randn(args.size, args.dim, requires_grad=True)
+        targets = torch.arange(args.size) % args.size
+        leaves = (latents, context)
+
+        def loss():
+            return lean_alignment_loss(latents, context, targets, args.steps)
+
     baseline = resident_bytes()
     times = []
-    for _ in range(repeats):  # no warm-up: eager PyTorch compiles nothing, and the first run sets the peak
-        start = time.perf_counter()
-        anchors.grad = None
-        (flow(anchors, prior, steps) * projection).sum().backward()
-        times.append(time.perf_counter() - start)
+    for _ in range(args.warmup + args.repeats):
+        start_time = time.perf_counter()
+        for leaf in leaves:
+            leaf.grad = None
+        loss().backward()
+        times.append(time.perf_counter() - start_time)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    print(json.dumps({"seconds": min(times), "peak_bytes": peak}))
+    print(json.dumps({"seconds": min(times[args.warmup:]), "peak_bytes": peak}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+    main()

@@ -6,7 +6,7 @@
 
 import ml_collections
 
-from lzn_jax.data import pipeline
+from lzn_jax.data.config import default_config
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -19,7 +19,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.num_steps = 20
     config.reverse_num_steps = 100
 
-    config.data = pipeline.default_config()
+    config.data = default_config()
     config.data.name = "digits"
     config.data.split = "train"
     config.data.image_size = 16

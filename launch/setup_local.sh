@@ -58,3 +58,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$repo/requirements.txt"
   echo "$want" > "$stamp"
 fi
+
+# The project itself, importable from any directory (an editable install without a build step: a .pth file
+# that puts the repository on the venv's path; nothing to rebuild when the code changes).
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ "$(cat "$site/lzn_jax_repo.pth" 2>/dev/null)" != "$repo" ]; then
+  echo "$repo" > "$site/lzn_jax_repo.pth"
+fi

@@ -1,39 +1,11 @@
-"""Two-view SimCLR-style augmentation of case study 2 (SPEC.md §3.5), on the host (numpy) or on the device (jax).
-
-Each view: RandomResizedCrop(224, scale (0.08, 1), ratio (3/4, 4/3), bilinear) -> horizontal flip (p 0.5) ->
-with p 0.8 colour jitter (brightness 0.8, contrast 0.8, saturation 0.8, hue 0.2, the four in random order) ->
-grayscale (p 0.2) -> Gaussian blur (kernel 23, sigma ~ U(0.1, 2)), applied with probability ``blur_probability``
-(1.0 as in the reference; SimCLR uses 0.5). Ops work on float [0, 1] pixels and clip after each jitter op like
-torchvision's tensor path; unlike the reference's PIL path there is no uint8 rounding between ops.
-
-The work is split in two: ``sample_view_parameters`` draws every random choice on the host (a pure function of
-the per-example ``numpy.random.Generator``), and the photometric part is applied either by
-``apply_photometric_host`` (numpy + scipy, in grain workers) or by ``apply_photometric_device`` (jax, inside the
-user's jitted step) from the same parameters, so both give the same pixels up to float32 rounding. The crop always
-runs on the host: it needs the full decoded image, whose size varies from file to file.
-
-Host or device? Measured with ``python -m benchmarks.data`` on this project's 2-core CPU machine (shared with
-other jobs, so the spread of three runs is given; no accelerator was available), 500x375 JPEGs -> two 224x224 views:
-  host variant (decode + crops + photometric in numpy/scipy):   27-49 images/s per host core
-  device variant, host share (decode + crops only):            100-230 images/s per host core
-  device variant, device share on this CPU through jax:          9-28 views/s on both cores (the 23-tap blur and the
-                                                               hue rotation; on a GPU/TPU this is a few fused
-                                                               elementwise passes, not measured here)
-Consumption (SPEC §7.4: 8192 x 5M two-view images in 1,800 h on 128 A100s) is ~49 images/s per accelerator, so a
-TPU v5e host with 8 chips (taking a v5e chip as an A100) needs ~395 images/s: 8-15 host cores with the host variant,
-2-4 with the device variant, out of the 224 vCPUs of a v5e host. Decision: the default is ``augment_on="host"``.
-It keeps every host batch final (uint8 views; the trainer only calls ``to_float_images``), costs under 7% of a v5e
-host's vCPUs at the paper's speed (still under half at a 7x faster trainer), and leaves the accelerator, whose step
-is the bottleneck (the latent ODE is quadratic in the batch), untouched. ``augment_on="device"`` is there for
-hosts with few cores per accelerator: it moves ~4/5 of the host work to the device and gives the same pixels.
+"""Two-view SimCLR-style augmentation of case study 2: every random choice is drawn on the host; the photometric
+ops run here in numpy or, from the same parameters, on the device (``device.py``). Measurements: benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from scipy import ndimage
 
@@ -101,6 +73,8 @@ def two_view_crops(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Crops two views of one decoded image and draws their photometric parameters.
 
+    The crops run on the host in both variants: they need the whole decoded image, whose size varies by file.
+
     Args:
       image: ``uint8 (H, W, 3)``.
     Returns:
@@ -120,6 +94,8 @@ def two_view_crops(
 
 # ---------------------------------------------------------------------------------------------------------------
 # Photometric ops written once over an array namespace ``xp`` (numpy on the host, jax.numpy on the device).
+# They work on float pixels in [0, 1] and clip after each jitter op, like torchvision's tensor path; the
+# reference's PIL path also rounds to uint8 between ops, which we do not (docs/differences.md).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -234,16 +210,8 @@ def _jitter_host(image: np.ndarray, factors: np.ndarray, order: np.ndarray) -> n
     return image
 
 
-def apply_photometric_host(
-    view: np.ndarray, parameters: dict[str, np.ndarray], *, blur_kernel_size: int = 23
-) -> np.ndarray:
-    """Applies flip, jitter, grayscale and blur of one view on the host.
-
-    Args:
-      view: ``uint8 (H, W, 3)``; parameters: one view's dict from ``sample_view_parameters``.
-    Returns:
-      ``float32 (H, W, 3)`` in [0, 1] (round ``* 255`` to get uint8).
-    """
+def _photometric_unit_host(view: np.ndarray, parameters: dict[str, np.ndarray], blur_kernel_size: int) -> np.ndarray:
+    """Flip, jitter, grayscale and blur of one view. ``uint8 (H, W, 3)`` -> ``float32 (H, W, 3)`` in [0, 1]."""
     image = view.astype(np.float32) / 255.0
     if parameters["flip"]:
         image = image[:, ::-1]
@@ -256,6 +224,28 @@ def apply_photometric_host(
     return image.astype(np.float32)
 
 
+def apply_photometric_host(
+    views: np.ndarray, parameters: dict[str, np.ndarray], *, blur_kernel_size: int = 23
+) -> np.ndarray:
+    """Host twin of ``apply_photometric_device``: same arguments, same model inputs up to float32 rounding.
+
+    Args:
+      views: ``uint8 (..., H, W, 3)``, e.g. one view ``(H, W, 3)`` or the pipeline's ``(B, 2, H, W, 3)`` crops.
+      parameters: ``sample_view_parameters`` leaves with the leading shape ``(...)`` of ``views``.
+    Returns:
+      ``float32 (..., H, W, 3)`` in [-1, 1].
+    """
+    leading = views.shape[:-3]
+    flat_views = views.reshape((-1,) + views.shape[-3:])
+    flat_parameters = {key: np.reshape(value, (len(flat_views),) + np.shape(value)[len(leading):])
+                       for key, value in parameters.items()}
+    images = [
+        _photometric_unit_host(view, {key: value[i] for key, value in flat_parameters.items()}, blur_kernel_size)
+        for i, view in enumerate(flat_views)
+    ]
+    return (np.stack(images) * 2.0 - 1.0).astype(np.float32).reshape(views.shape)
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """float [0, 1] -> uint8 with rounding to nearest."""
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
@@ -264,80 +254,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def two_view_host(image: np.ndarray, rng: np.random.Generator, options: TwoViewOptions) -> np.ndarray:
     """The whole two-view augmentation on the host. ``uint8 (H, W, 3)`` -> ``uint8 (2, S, S, 3)``."""
     views, parameters = two_view_crops(image, rng, options)
+    # Straight from [0, 1] to uint8: going through the model range first would round differently at .5 ties.
     out = [
-        to_uint8(
-            apply_photometric_host(
-                views[v], {k: p[v] for k, p in parameters.items()}, blur_kernel_size=options.blur_kernel_size
-            )
-        )
+        to_uint8(_photometric_unit_host(views[v], {k: p[v] for k, p in parameters.items()}, options.blur_kernel_size))
         for v in range(2)
     ]
     return np.stack(out)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Device path (jax; call it inside the jitted training step).
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _gaussian_blur_device(image: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.Array:
-    """Separable blur as a sum of shifted slices (vmap-friendly: the taps depend on the per-image sigma)."""
-    kernel = gaussian_kernel(sigma, kernel_size, jnp)
-    half = kernel_size // 2
-    padded = jnp.pad(image, ((half, half), (0, 0), (0, 0)), mode="reflect")
-    height, width = image.shape[0], image.shape[1]
-    image = sum(kernel[k] * padded[k : k + height] for k in range(kernel_size))
-    padded = jnp.pad(image, ((0, 0), (half, half), (0, 0)), mode="reflect")
-    return sum(kernel[k] * padded[:, k : k + width] for k in range(kernel_size))
-
-
-def _blend_device(image: jax.Array, op: jax.Array, factor: jax.Array) -> jax.Array:
-    """Brightness, contrast or saturation (``op`` 0, 1, 2) as one blend ``clip(f x + (1 - f) target)``.
-
-    The targets are 0, the mean luma and the per-pixel luma; ``factor = 1`` is the identity. One blend per
-    position replaces ``lax.switch``, which under ``vmap`` would evaluate every op (hue included) at every position.
-    """
-    luma = grayscale(image, jnp)
-    target = jnp.where(op == CONTRAST, jnp.mean(luma), luma) * (op != BRIGHTNESS)
-    return jnp.clip(factor * image + (1.0 - factor) * target, 0.0, 1.0)
-
-
-def _jitter_device(image: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
-    """The four jitter ops in ``order``: blends before the hue position, the hue rotation once, blends after."""
-    hue_position = jnp.argmax(order == HUE)
-    for before_hue in (True, False):
-        if not before_hue:
-            image = adjust_hue(image, factors[HUE], jnp)
-        for position in range(4):
-            op = order[position]
-            active = position < hue_position if before_hue else position > hue_position
-            factor = jnp.where(active, factors[jnp.minimum(op, SATURATION)], 1.0)
-            image = _blend_device(image, op, factor)
-    return image
-
-
-def _photometric_one_device(view: jax.Array, parameters: dict[str, jax.Array], kernel_size: int) -> jax.Array:
-    image = view.astype(jnp.float32) / 255.0
-    image = jnp.where(parameters["flip"], image[:, ::-1], image)
-    jittered = _jitter_device(image, parameters["factors"], parameters["order"])
-    image = jnp.where(parameters["jitter"], jittered, image)
-    image = jnp.where(parameters["grayscale"], jnp.repeat(grayscale(image, jnp), 3, axis=-1), image)
-    return jnp.where(parameters["blur"], _gaussian_blur_device(image, parameters["sigma"], kernel_size), image)
-
-
-def apply_photometric_device(
-    views: jax.Array, parameters: dict[str, jax.Array], *, blur_kernel_size: int = 23
-) -> jax.Array:
-    """Device half of the two-view augmentation; returns model inputs.
-
-    Args:
-      views: ``uint8 (..., H, W, 3)``, e.g. the pipeline's ``(B, 2, 224, 224, 3)`` crops.
-      parameters: the pipeline's ``"augment"`` dict, each leaf with the leading shape ``(...)`` of ``views``.
-    Returns:
-      ``float32 (..., H, W, 3)`` in [-1, 1].
-    """
-    leading = views.shape[:-3]
-    flat_views = views.reshape((-1,) + views.shape[-3:])
-    flat_parameters = jax.tree.map(lambda p: p.reshape((flat_views.shape[0],) + p.shape[len(leading) :]), parameters)
-    images = jax.vmap(lambda v, p: _photometric_one_device(v, p, blur_kernel_size))(flat_views, flat_parameters)
-    return (images * 2.0 - 1.0).reshape(views.shape)

@@ -12,6 +12,8 @@ import functools
 import numpy as np
 from PIL import Image
 
+from lzn_jax.data.sources import ArraySource
+
 TEST_FRACTION = 0.2
 SPLIT_SEED = 20251127
 NUM_CLASSES = 10
@@ -79,24 +81,6 @@ def load_digits_split(split: str = "train", *, image_size: int = 16, num_channel
     images.setflags(write=False)
     labels.setflags(write=False)
     return images, labels
-
-
-class ArraySource:
-    """Random-access source over in-memory arrays: ``source[i] -> {"image": (H, W, C) uint8, "label": int32}``."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None = None):
-        if labels is not None and len(labels) != len(images):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        record = {"image": self.images[index]}
-        if self.labels is not None:
-            record["label"] = np.int32(self.labels[index])
-        return record
 
 
 def digits_source(split: str = "train", *, image_size: int = 16, num_channels: int = 1) -> ArraySource:

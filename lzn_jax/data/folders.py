@@ -17,7 +17,7 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-# The sub-folder of the data set root that holds the images the reference trains on (SPEC.md §3.5).
+# The sub-folder of the data set root that holds the images the reference trains on.
 FOLDER_DATASETS = {
     "afhq_cat": os.path.join("train", "cat"),
     "celeba_hq": "",

@@ -1,7 +1,8 @@
 """TFDS sources (``cifar10``, ``imagenet2012``) read at random access from prepared ArrayRecord files.
 
-``tfds.data_source`` never downloads here (``download=False``): a missing or TFRecord-only copy fails within a
-second with the exact ``python -m lzn_jax.data.prepare ...`` command that builds the ArrayRecord files.
+``tfds.data_source`` never downloads here (``download=False``): a missing or TFRecord-only copy fails at once,
+without network access, with the exact ``python -m lzn_jax.data.prepare ...`` command that builds the ArrayRecord
+files.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Deterministic and random geometric image transforms that run on the host (numpy / PIL).
+"""Deterministic and random geometric image transforms that run on the host (numpy / PIL, no jax).
 
 Images are ``uint8 (H, W, C)`` numpy arrays; random choices come from a ``numpy.random.Generator`` that the
 pipeline derives from ``(data.seed, step, position in the global batch)``, so every transform is reproducible.
@@ -8,20 +8,8 @@ from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-
-
-def to_float_images(images):
-    """Maps ``uint8`` pixels to ``float32`` in ``[-1, 1]`` (``x / 255 * 2 - 1``), the model's input convention.
-
-    Args:
-      images: any-shape ``uint8`` array (numpy or jax), e.g. ``(B, H, W, C)``.
-    Returns:
-      ``float32`` jax array of the same shape.
-    """
-    return jnp.asarray(images, jnp.float32) * (2.0 / 255.0) - 1.0
 
 
 def _as_pil(image: np.ndarray) -> Image.Image:
@@ -78,9 +66,9 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
 def resize_and_center_crop(image: np.ndarray, size: int, *, resize_to: int | None = None) -> np.ndarray:
     """Shorter side to ``resize_to`` (default ``size``), then the central ``size x size`` crop.
 
-    With ``resize_to=size`` this is the generation transform of SPEC §3.5 (``Resize(256)``; the crop is a no-op on
+    With ``resize_to=size`` this is the reference's generation transform (``Resize(256)``; the crop is a no-op on
     the square AFHQ / CelebA-HQ / LSUN images and makes non-square files batchable). With ``resize_to=256`` and
-    ``size=224`` it is the evaluation transform (``Resize(256)`` -> ``CenterCrop(224)``).
+    ``size=224`` it is ImageNet's evaluation transform (``Resize(256)`` -> ``CenterCrop(224)``).
 
     Returns:
       ``uint8 (size, size, C)``.

@@ -1,11 +1,10 @@
-"""Learnable class anchors: the label encoder of case study 3 (SPEC.md §2.5)."""
+"""Learnable class anchors: the label encoder of case study 3 (docs/method.md, 'Models')."""
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from lzn_jax.models import layers
 
@@ -16,14 +15,19 @@ class LabelAnchors(nn.Module):
     num_classes: int = 10
     latent_dim: int = 200
 
+    @nn.nowrap
+    def example_inputs(self, batch_size: int, image_size: int | None = None, num_channels: int = 3) -> tuple[()]:
+        """No inputs: `init(rng)` builds the table (the arguments exist for the registry's uniform call)."""
+        del batch_size, image_size, num_channels
+        return ()
+
     @nn.compact
-    def __call__(self, labels: jax.Array | None = None) -> jax.Array:
-        """labels: (B,) int or None -> anchors (B, latent_dim) float32, or the whole table (num_classes, latent_dim)."""
-        table = self.param("anchors", layers.normal_init(1.0), (self.num_classes, self.latent_dim),
-                           jnp.float32)
+    def __call__(self, labels: jax.Array | None = None, *, train: bool = False) -> jax.Array:
+        """labels: (B,) int -> anchors (B, latent_dim) float32, rows of the table.
+
+        Labels default to every class in order, which returns the whole table (num_classes, latent_dim): the context
+        the label flow needs. `train` is accepted for interface uniformity; a lookup has no training mode.
+        """
+        del train
+        table = self.param("anchors", layers.normal_init(1.0), (self.num_classes, self.latent_dim), jnp.float32)
         return table if labels is None else jnp.take(table, labels, axis=0)
-
-
-def label_anchors_config(num_classes: int = 10, latent_dim: int = 200) -> ml_collections.ConfigDict:
-    """Label anchors of case study 3: 10 CIFAR10 classes in the 200-d latent space."""
-    return ml_collections.ConfigDict(dict(name="label_anchors", num_classes=num_classes, latent_dim=latent_dim))

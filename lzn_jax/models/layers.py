@@ -1,24 +1,33 @@
-"""Building blocks of the NCSN++ U-Net (SPEC.md §2.1), written for flax.linen in NHWC layout.
+"""Building blocks of the NCSN++ U-Net (docs/method.md, 'Models'), written for flax.linen in NHWC layout.
 
 Every block takes a compute ``dtype`` (convolutions and matmuls run in it) while parameters stay float32 and group
-norms, softmaxes and time embeddings are computed in float32.
+norms, softmaxes and time embeddings run in `at_least_float32(dtype)`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-Dtype = Any
+from jax.typing import DTypeLike
 
 # GroupNorm epsilon of the NCSN++ family (PyTorch's default would be 1e-5).
 GROUP_NORM_EPS = 1e-6
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
+# The attention block's query, key and value layers (NIN layers in NCSN++) start at a tenth of the DDPM scale.
+_NIN_INIT_SCALE = 0.1
+
+
+def at_least_float32(compute_dtype: DTypeLike) -> jnp.dtype:
+    """The dtype of norms, softmax logits, embeddings and outputs: float32, or float64 in a float64 model.
+
+    bfloat16 and float16 compute keep these in float32, where the small differences they carry survive.
+    """
+    return jnp.promote_types(compute_dtype, jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -32,7 +41,7 @@ def _fans(shape: Sequence[int]) -> tuple[int, int]:
     return shape[-2] * receptive, shape[-1] * receptive
 
 
-def _flat_uniform(key: jax.Array, shape: Sequence[int], bound: float, dtype: Dtype) -> jax.Array:
+def _flat_uniform(key: jax.Array, shape: Sequence[int], bound: float, dtype: DTypeLike) -> jax.Array:
     """uniform(-bound, bound) of `shape`, drawn as one flat vector and reshaped.
 
     Same distribution as drawing the shape directly, but XLA:CPU compiles the rank-1 random-bit generator far faster
@@ -93,7 +102,7 @@ class TorchLinear(nn.Module):
 
     features: int
     use_bias: bool = True
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -113,37 +122,29 @@ class TorchLinear(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def group_norm(num_channels: int, *, name: str | None = None) -> nn.GroupNorm:
-    """GroupNorm with min(C // 4, 32) groups and eps 1e-6, computed and returned in float32."""
+def group_norm(num_channels: int, *, dtype: DTypeLike = jnp.float32, name: str | None = None) -> nn.GroupNorm:
+    """GroupNorm with min(C // 4, 32) groups and eps 1e-6, computed and returned in `at_least_float32(dtype)`."""
     return nn.GroupNorm(
-        num_groups=min(num_channels // 4, 32), epsilon=GROUP_NORM_EPS, dtype=jnp.float32, name=name
+        num_groups=min(num_channels // 4, 32), epsilon=GROUP_NORM_EPS, dtype=at_least_float32(dtype), name=name
     )
 
 
-def conv3x3(features: int, *, init_scale: float = 1.0, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
-    """3x3 'same' convolution with bias, DDPM init."""
+def ddpm_conv(
+    features: int, kernel_size: int, *, init_scale: float = 1.0, dtype: DTypeLike = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+    """Stride-1 convolution with bias, zero 'same' padding and DDPM init (1x1 for shortcuts, 3x3 elsewhere)."""
     return nn.Conv(
-        features, (3, 3), padding="SAME", kernel_init=ddpm_init(init_scale), dtype=dtype, param_dtype=jnp.float32,
-        name=name,
+        features, (kernel_size, kernel_size), padding="SAME", kernel_init=ddpm_init(init_scale), dtype=dtype,
+        param_dtype=jnp.float32, name=name,
     )
 
 
-def conv1x1(features: int, *, init_scale: float = 1.0, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Conv:
-    """1x1 convolution with bias, DDPM init."""
-    return nn.Conv(
-        features, (1, 1), padding="VALID", kernel_init=ddpm_init(init_scale), dtype=dtype, param_dtype=jnp.float32,
-        name=name,
-    )
-
-
-def nin(features: int, *, init_scale: float = 0.1, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
-    """Network-in-network: a dense layer over the channel axis, DDPM init with default scale 0.1."""
+def ddpm_dense(
+    features: int, *, init_scale: float = 1.0, dtype: DTypeLike = jnp.float32, name: str | None = None
+) -> nn.Dense:
+    """Dense layer over the last axis with DDPM init and zero bias: the conditioning MLP and NIN layers."""
     return nn.Dense(features, kernel_init=ddpm_init(init_scale), dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def ddpm_dense(features: int, *, dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
-    """Dense layer of the time/condition path: DDPM init scale 1, bias 0."""
-    return nn.Dense(features, kernel_init=ddpm_init(1.0), dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,12 +224,13 @@ def downsample_2d(x: jax.Array, *, fir: bool, fir_kernel: Sequence[float]) -> ja
 def sinusoidal_embedding(timesteps: jax.Array, dim: int, max_positions: int = 10000) -> jax.Array:
     """Transformer-style embedding of scalar times: [sin(t w_k), cos(t w_k)], w_k = max_positions^(-k/(dim/2-1)).
 
-    timesteps: (B,) -> (B, dim) float32. Odd `dim` gets one zero column at the end.
+    timesteps: (B,) -> (B, dim) in `at_least_float32(timesteps.dtype)`. Odd `dim` gets one zero column at the end.
     """
+    dtype = at_least_float32(timesteps.dtype)
     half = dim // 2
     log_step = math.log(max_positions) / (half - 1)
-    freqs = jnp.exp(-log_step * jnp.arange(half, dtype=jnp.float32))
-    args = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+    freqs = jnp.exp(-log_step * jnp.arange(half, dtype=dtype))
+    args = timesteps.astype(dtype)[:, None] * freqs[None, :]
     emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
     if dim % 2 == 1:
         emb = jnp.pad(emb, ((0, 0), (0, 1)))
@@ -247,10 +249,10 @@ class GaussianFourierProjection(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (B,) -> (B, 2 * embedding_size) float32."""
+        """x: (B,) -> (B, 2 * embedding_size) in `at_least_float32(x.dtype)`."""
         w = self.param("frequencies", normal_init(self.scale), (self.embedding_size,), jnp.float32)
         w = jax.lax.stop_gradient(w)
-        proj = x.astype(jnp.float32)[:, None] * w[None, :] * (2.0 * np.pi)
+        proj = x.astype(at_least_float32(x.dtype))[:, None] * w[None, :] * (2.0 * np.pi)
         return jnp.concatenate([jnp.sin(proj), jnp.cos(proj)], axis=-1)
 
 
@@ -259,8 +261,15 @@ class GaussianFourierProjection(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _residual_out(x: jax.Array, h: jax.Array, skip_rescale: bool) -> jax.Array:
+    """x + h in h's (compute) dtype, divided by sqrt(2) when `skip_rescale`. x, h: (B, H, W, C)."""
+    out = x.astype(h.dtype) + h
+    # A Python float keeps bfloat16 activations bfloat16 (a NumPy scalar would promote them to float32).
+    return out * _INV_SQRT2 if skip_rescale else out
+
+
 class ResnetBlockBigGAN(nn.Module):
-    """BigGAN-style residual block of NCSN++, optionally resampling by 2 (SPEC.md §2.1).
+    """BigGAN-style residual block of NCSN++, optionally resampling by 2 (docs/method.md, 'Models').
 
     h = conv3(up/down(act(GN(x)))) [+ Dense(act(temb))]; h = conv3_init_scale(dropout(act(GN(h))));
     out = (shortcut(up/down(x)) + h) / sqrt(2).
@@ -274,64 +283,69 @@ class ResnetBlockBigGAN(nn.Module):
     fir_kernel: Sequence[float] = (1, 3, 3, 1)
     init_scale: float = 0.0
     skip_rescale: bool = True
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None, train: bool = False) -> jax.Array:
         """x: (B, H, W, C_in); temb: (B, T) or None -> (B, H', W', out_ch) with H' = 2H (up), H/2 (down) or H."""
         in_ch = x.shape[-1]
         out_ch = self.out_ch or in_ch
-        h = nn.silu(group_norm(in_ch, name="norm_0")(x)).astype(self.dtype)
+        h = nn.silu(group_norm(in_ch, dtype=self.dtype, name="norm_0")(x)).astype(self.dtype)
         if self.up:
             h = upsample_2d(h, fir=self.fir, fir_kernel=self.fir_kernel)
             x = upsample_2d(x, fir=self.fir, fir_kernel=self.fir_kernel)
         elif self.down:
             h = downsample_2d(h, fir=self.fir, fir_kernel=self.fir_kernel)
             x = downsample_2d(x, fir=self.fir, fir_kernel=self.fir_kernel)
-        h = conv3x3(out_ch, dtype=self.dtype, name="conv_0")(h)
+        h = ddpm_conv(out_ch, 3, dtype=self.dtype, name="conv_0")(h)
         if temb is not None:
             h = h + ddpm_dense(out_ch, dtype=self.dtype, name="temb_proj")(nn.silu(temb))[:, None, None, :]
-        h = nn.silu(group_norm(out_ch, name="norm_1")(h)).astype(self.dtype)
+        h = nn.silu(group_norm(out_ch, dtype=self.dtype, name="norm_1")(h)).astype(self.dtype)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
-        h = conv3x3(out_ch, init_scale=self.init_scale, dtype=self.dtype, name="conv_1")(h)
+        h = ddpm_conv(out_ch, 3, init_scale=self.init_scale, dtype=self.dtype, name="conv_1")(h)
         if in_ch != out_ch or self.up or self.down:
-            x = conv1x1(out_ch, dtype=self.dtype, name="shortcut")(x)
-        out = x.astype(self.dtype) + h
-        # A Python float keeps bfloat16 activations bfloat16 (numpy scalars would promote them).
-        return out * _INV_SQRT2 if self.skip_rescale else out
+            x = ddpm_conv(out_ch, 1, dtype=self.dtype, name="shortcut")(x)
+        return _residual_out(x, h, self.skip_rescale)
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions with a residual (SPEC.md §2.1 'AttnBlockpp')."""
+    """Single-head self-attention over all H*W positions with a residual (docs/method.md, 'Models')."""
 
     init_scale: float = 0.0
     skip_rescale: bool = True
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         b, height, width, c = x.shape
-        h = group_norm(c, name="norm")(x)
-        q = nin(c, dtype=self.dtype, name="query")(h).reshape(b, height * width, c)
-        k = nin(c, dtype=self.dtype, name="key")(h).reshape(b, height * width, c)
-        v = nin(c, dtype=self.dtype, name="value")(h).reshape(b, height * width, c)
-        # Logits and softmax in float32 whatever the compute dtype: bf16 logits lose the small differences.
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (c**-0.5)
+        h = group_norm(c, dtype=self.dtype, name="norm")(x)
+        q, k, v = (
+            ddpm_dense(c, init_scale=_NIN_INIT_SCALE, dtype=self.dtype, name=name)(h).reshape(b, height * width, c)
+            for name in ("query", "key", "value")
+        )
+        # Logits and softmax in at least float32 whatever the compute dtype: bf16 logits lose the small differences.
+        logits_dtype = at_least_float32(self.dtype)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=logits_dtype) * (c**-0.5)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, height, width, c)
-        h = nin(c, init_scale=self.init_scale, dtype=self.dtype, name="out")(h)
-        out = x.astype(self.dtype) + h
-        # A Python float keeps bfloat16 activations bfloat16 (numpy scalars would promote them).
-        return out * _INV_SQRT2 if self.skip_rescale else out
+        h = ddpm_dense(c, init_scale=self.init_scale, dtype=self.dtype, name="out")(h)
+        return _residual_out(x, h, self.skip_rescale)
 
 
 class Combine(nn.Module):
     """Input-skip combine, method 'sum': conv1x1(pyramid) + h."""
 
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, pyramid: jax.Array, h: jax.Array) -> jax.Array:
         """pyramid: (B, H, W, C_p), h: (B, H, W, C) -> (B, H, W, C)."""
-        return conv1x1(h.shape[-1], dtype=self.dtype, name="conv")(pyramid) + h.astype(self.dtype)
+        return ddpm_conv(h.shape[-1], 1, dtype=self.dtype, name="conv")(pyramid) + h.astype(self.dtype)
+
+
+def zero_images(batch_size: int, image_size: int | None, num_channels: int, *, model: str) -> jax.Array:
+    """Float32 zeros (batch_size, image_size, image_size, num_channels): the example input of an image model."""
+    if image_size is None:
+        raise ValueError(f"{model} takes images: pass image_size to example_inputs")
+    return jnp.zeros((batch_size, image_size, image_size, num_channels), jnp.float32)

@@ -1,25 +1,28 @@
-"""NCSN++ image encoder (anchors from latent heads on every feature map) and rectified-flow decoder (SPEC.md §2.2-2.3).
+"""NCSN++ image encoder (anchors from latent heads on every feature map) and rectified-flow decoder.
 
-Both share the downsampling trunk of the score_sde NCSN++ U-Net with BigGAN residual blocks. NHWC throughout; the
-encoder's heads flatten channel-major so that released PyTorch weights map one to one.
+Both share the downsampling trunk of the NCSN++ U-Net with BigGAN residual blocks (docs/method.md, 'Models'). NHWC
+throughout; the encoder's heads flatten channel-major so that released PyTorch weights map one to one.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
+from jax.typing import DTypeLike
 
 from lzn_jax.models import layers
-
-Dtype = Any
 
 # The reference multiplies the rectified-flow time in [0, 1] by 999 before embedding it (Rectified Flow's
 # discrete-time range); the 256x256 models also divide their output by this scaled time (`scale_by_sigma`).
 TIME_SCALE = 999.0
+
+
+def _scaled_time(t: jax.Array, dtype: DTypeLike) -> jax.Array:
+    """Rectified-flow time (B,) clamped to [0, 1] and scaled by TIME_SCALE, in `dtype`."""
+    return jnp.clip(t.astype(dtype), 0.0, 1.0) * TIME_SCALE
 
 
 class _NCSNppTrunk(nn.Module):
@@ -35,7 +38,7 @@ class _NCSNppTrunk(nn.Module):
     skip_rescale: bool = True
     init_scale: float = 0.0
     progressive_input: str = "none"
-    dtype: Dtype = jnp.float32
+    dtype: DTypeLike = jnp.float32
     remat: bool = False
 
     def _resblock(self, name: str, **kwargs) -> layers.ResnetBlockBigGAN:
@@ -48,18 +51,19 @@ class _NCSNppTrunk(nn.Module):
         )
 
     def _attn(self, name: str) -> layers.AttnBlock:
+        """An attention block with the trunk's settings."""
         return layers.AttnBlock(init_scale=self.init_scale, skip_rescale=self.skip_rescale, dtype=self.dtype, name=name)
 
     def _downsampling_path(self, x: jax.Array, temb: jax.Array | None, train: bool) -> list[jax.Array]:
         """Runs the input conv, the residual levels and the down blocks; returns every feature map in order.
 
-        x: (B, H, W, 3) -> list of (B, H / 2^level, W / 2^level, C_level): the input conv output, each residual block
+        x: (B, H, W, C) -> list of (B, H / 2^level, W / 2^level, C_level): the input conv output, each residual block
         output (after its attention block), each down-block output (after the input-skip combine).
         """
         if self.progressive_input not in ("none", "input_skip"):
             raise ValueError(f"progressive_input must be 'none' or 'input_skip', got {self.progressive_input!r}")
         input_pyramid = x
-        hs = [layers.conv3x3(self.nf, dtype=self.dtype, name="conv_in")(x)]
+        hs = [layers.ddpm_conv(self.nf, 3, dtype=self.dtype, name="conv_in")(x)]
         num_levels = len(self.ch_mult)
         for level in range(num_levels):
             for block in range(self.num_res_blocks):
@@ -87,28 +91,33 @@ class _NCSNppTrunk(nn.Module):
 class LatentHead(nn.Module):
     """Maps one feature map to a D-dim contribution to the anchor: conv1x1 -> SiLU -> flatten -> MLP.
 
-    The MLP has `num_layers` >= 2 PyTorch-initialised linear layers (width `num_units`, SiLU between them); the
-    reference builds two layers even when asked for fewer, so fewer are refused rather than silently changed.
+    The conv has `num_base_channels` outputs; the MLP has `num_latent_transformation_layers` >= 2 PyTorch-initialised
+    linear layers (hidden width `num_base_units`, SiLU between them). The reference builds two layers even when asked
+    for fewer, so fewer are refused rather than silently changed. Field names are the encoder's, which passes them on.
     """
 
     latent_dim: int
     num_base_channels: int = 20
-    num_units: int = 200
-    num_layers: int = 2
-    dtype: Dtype = jnp.float32
+    num_base_units: int = 200
+    num_latent_transformation_layers: int = 2
+    dtype: DTypeLike = jnp.float32
 
     @nn.compact
     def __call__(self, feature_map: jax.Array) -> jax.Array:
-        """feature_map: (B, r, r, C) -> (B, latent_dim) float32."""
-        if self.num_layers < 2:
-            raise ValueError(f"num_latent_transformation_layers must be >= 2, got {self.num_layers}")
-        h = nn.silu(layers.conv1x1(self.num_base_channels, dtype=self.dtype, name="conv")(feature_map))
+        """feature_map: (B, r, r, C) -> (B, latent_dim) float32 (float64 in a float64 model)."""
+        num_layers = self.num_latent_transformation_layers
+        if num_layers < 2:
+            raise ValueError(
+                f"LatentHead.num_latent_transformation_layers must be >= 2 (the reference always builds two linear "
+                f"layers), got {num_layers}"
+            )
+        h = nn.silu(layers.ddpm_conv(self.num_base_channels, 1, dtype=self.dtype, name="conv")(feature_map))
         # Channel-major (NCHW) flatten, as the reference does, so its first Linear's weights load unchanged.
         h = jnp.transpose(h, (0, 3, 1, 2)).reshape(h.shape[0], -1)
-        for i in range(self.num_layers - 1):
-            h = nn.silu(layers.TorchLinear(self.num_units, dtype=self.dtype, name=f"dense_{i}")(h))
-        out = layers.TorchLinear(self.latent_dim, dtype=self.dtype, name=f"dense_{self.num_layers - 1}")(h)
-        return out.astype(jnp.float32)
+        for i in range(num_layers - 1):
+            h = nn.silu(layers.TorchLinear(self.num_base_units, dtype=self.dtype, name=f"dense_{i}")(h))
+        out = layers.TorchLinear(self.latent_dim, dtype=self.dtype, name=f"dense_{num_layers - 1}")(h)
+        return out.astype(layers.at_least_float32(self.dtype))
 
 
 class NCSNppEncoder(_NCSNppTrunk):
@@ -124,22 +133,31 @@ class NCSNppEncoder(_NCSNppTrunk):
     num_latent_transformation_layers: int = 2
     latent_transformation_resolutions: Sequence[int] | None = None
 
+    @nn.nowrap
+    def example_inputs(
+        self, batch_size: int, image_size: int | None = None, num_channels: int = 3
+    ) -> tuple[jax.Array]:
+        """Zero images (B, image_size, image_size, num_channels): `init(rng, *example_inputs(...))`."""
+        return (layers.zero_images(batch_size, image_size, num_channels, model="NCSNppEncoder"),)
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        """x: (B, H, W, 3) images in [-1, 1] -> anchors (B, latent_dim) float32.
+        """x: (B, H, W, C) images in [-1, 1] -> anchors (B, latent_dim) float32 (float64 in a float64 model).
 
         `train=True` enables dropout and then needs the 'dropout' RNG stream.
         """
         feature_maps = self._downsampling_path(x, None, train)
         feature_maps.append(self._middle(feature_maps[-1], None, train))
-        anchors = jnp.zeros((x.shape[0], self.latent_dim), jnp.float32)
+        anchors = jnp.zeros((x.shape[0], self.latent_dim), layers.at_least_float32(self.dtype))
         for i, fmap in enumerate(feature_maps):
             resolutions = self.latent_transformation_resolutions
             if resolutions is not None and fmap.shape[1] not in resolutions:
                 continue
             anchors = anchors + LatentHead(
-                self.latent_dim, self.num_base_channels, self.num_base_units, self.num_latent_transformation_layers,
-                dtype=self.dtype, name=f"head_{i}",
+                latent_dim=self.latent_dim, num_base_channels=self.num_base_channels,
+                num_base_units=self.num_base_units,
+                num_latent_transformation_layers=self.num_latent_transformation_layers, dtype=self.dtype,
+                name=f"head_{i}",
             )(fmap)
         return anchors
 
@@ -160,18 +178,19 @@ class NCSNppDecoder(_NCSNppTrunk):
 
     def _conditioning(self, t: jax.Array, latent: jax.Array | None, label_onehot: jax.Array | None) -> jax.Array | None:
         """Builds the vector fed to every residual block: Dense(4nf)(SiLU(Dense(4nf)(concat[...]))). (B, 4nf)."""
-        t_scaled = jnp.clip(t.astype(jnp.float32), 0.0, 1.0) * TIME_SCALE
+        dtype = layers.at_least_float32(self.dtype)
+        t_scaled = _scaled_time(t, dtype)
         parts = []
         if self.latent_dim > 0:
             if latent is None:
                 raise ValueError(f"this decoder has latent_dim={self.latent_dim}; pass `latent` of shape (B, D)")
-            parts.append(latent.astype(jnp.float32))
+            parts.append(latent.astype(dtype))
         elif latent is not None:
             raise ValueError("this decoder has latent_dim=0 (plain rectified flow) but a latent was given")
         if self.num_classes > 0:
             if label_onehot is None:
                 raise ValueError(f"this decoder has num_classes={self.num_classes}; pass `label_onehot` (B, C)")
-            parts.append(label_onehot.astype(jnp.float32))
+            parts.append(label_onehot.astype(dtype))
         if self.conditional:
             if self.embedding_type == "positional":
                 parts.append(layers.sinusoidal_embedding(t_scaled, self.nf))
@@ -188,8 +207,22 @@ class NCSNppDecoder(_NCSNppTrunk):
 
     def _output_conv(self, h: jax.Array, channels: int, name: str) -> jax.Array:
         """GN -> SiLU -> conv3x3 to image channels with the near-zero `init_scale`."""
-        h = nn.silu(layers.group_norm(h.shape[-1], name=f"{name}_norm")(h))
-        return layers.conv3x3(channels, init_scale=self.init_scale, dtype=self.dtype, name=f"{name}_conv")(h)
+        h = nn.silu(layers.group_norm(h.shape[-1], dtype=self.dtype, name=f"{name}_norm")(h))
+        return layers.ddpm_conv(channels, 3, init_scale=self.init_scale, dtype=self.dtype, name=f"{name}_conv")(h)
+
+    @nn.nowrap
+    def example_inputs(
+        self, batch_size: int, image_size: int | None = None, num_channels: int = 3
+    ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """(x_t, t, latent, label_onehot) as `__call__` takes them: zero images, t = 1/2, zero conditioning or None.
+
+        t is an interior time because t = 0 would make the Fourier embedding's log-time -inf.
+        """
+        images = layers.zero_images(batch_size, image_size, num_channels, model="NCSNppDecoder")
+        t = jnp.full((batch_size,), 0.5, jnp.float32)
+        latent = jnp.zeros((batch_size, self.latent_dim), jnp.float32) if self.latent_dim > 0 else None
+        label_onehot = jnp.zeros((batch_size, self.num_classes), jnp.float32) if self.num_classes > 0 else None
+        return images, t, latent, label_onehot
 
     @nn.compact
     def __call__(
@@ -204,7 +237,7 @@ class NCSNppDecoder(_NCSNppTrunk):
         """Velocity of the image rectified flow (time 0 = noise, 1 = data).
 
         x_t: (B, H, W, C) noisy images; t: (B,) in [0, 1]; latent: (B, latent_dim) or None;
-        label_onehot: (B, num_classes) or None. Returns (B, H, W, C) float32.
+        label_onehot: (B, num_classes) or None. Returns (B, H, W, C) float32 (float64 in a float64 model).
         """
         if self.progressive not in ("none", "output_skip"):
             raise ValueError(f"progressive must be 'none' or 'output_skip', got {self.progressive!r}")
@@ -233,48 +266,8 @@ class NCSNppDecoder(_NCSNppTrunk):
         assert not hs, "every skip connection must be consumed"
 
         out = pyramid if self.progressive == "output_skip" else self._output_conv(h, channels, "out")
-        out = out.astype(jnp.float32)
+        dtype = layers.at_least_float32(self.dtype)
+        out = out.astype(dtype)
         if self.scale_by_sigma:
-            out = out / (jnp.clip(t.astype(jnp.float32), 0.0, 1.0) * TIME_SCALE)[:, None, None, None]
+            out = out / _scaled_time(t, dtype)[:, None, None, None]
         return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Paper configurations (SPEC.md §2.3, §6). Each returns a ConfigDict accepted by `lzn_jax.models.build`.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def cifar10_encoder_config(latent_dim: int = 200) -> ml_collections.ConfigDict:
-    """NCSN++ encoder of case studies 1 and 3 (32x32): 4 levels, 4 blocks, heads on all 21 maps, dropout 0.15."""
-    return ml_collections.ConfigDict(dict(
-        name="ncsnpp_encoder", latent_dim=latent_dim, nf=128, ch_mult=(1, 2, 2, 2), num_res_blocks=4,
-        attn_resolutions=(16,), dropout=0.15, fir=False, progressive_input="none", num_base_channels=20,
-        num_base_units=200, num_latent_transformation_layers=2, latent_transformation_resolutions=None,
-    ))
-
-
-def image256_encoder_config(latent_dim: int = 200) -> ml_collections.ConfigDict:
-    """NCSN++ encoder of the 256x256 settings: 7 levels, 2 blocks, FIR, input skip, heads only at 64..4."""
-    return ml_collections.ConfigDict(dict(
-        name="ncsnpp_encoder", latent_dim=latent_dim, nf=128, ch_mult=(1, 1, 2, 2, 2, 2, 2), num_res_blocks=2,
-        attn_resolutions=(16,), dropout=0.0, fir=True, progressive_input="input_skip", num_base_channels=20,
-        num_base_units=200, num_latent_transformation_layers=2, latent_transformation_resolutions=(64, 32, 16, 8, 4),
-    ))
-
-
-def cifar10_decoder_config(latent_dim: int = 200, num_classes: int = 0) -> ml_collections.ConfigDict:
-    """Rectified-flow NCSN++ of CIFAR10: positional time embedding, dropout 0.15. latent_dim=0: plain RF."""
-    return ml_collections.ConfigDict(dict(
-        name="ncsnpp_decoder", latent_dim=latent_dim, num_classes=num_classes, nf=128, ch_mult=(1, 2, 2, 2),
-        num_res_blocks=4, attn_resolutions=(16,), dropout=0.15, fir=False, embedding_type="positional",
-        progressive="none", progressive_input="none", scale_by_sigma=False,
-    ))
-
-
-def image256_decoder_config(latent_dim: int = 200, num_classes: int = 0) -> ml_collections.ConfigDict:
-    """Rectified-flow NCSN++ of the 256x256 settings: Fourier time, FIR, output/input skip, scale_by_sigma."""
-    return ml_collections.ConfigDict(dict(
-        name="ncsnpp_decoder", latent_dim=latent_dim, num_classes=num_classes, nf=128, ch_mult=(1, 1, 2, 2, 2, 2, 2),
-        num_res_blocks=2, attn_resolutions=(16,), dropout=0.0, fir=True, embedding_type="fourier",
-        fourier_scale=16.0, progressive="output_skip", progressive_input="input_skip", scale_by_sigma=True,
-    ))

@@ -1,5 +1,7 @@
-"""Device meshes and shardings: the one place that builds meshes (DESIGN.md §5)."""
+"""Device meshes, shardings and multi-host start-up: the one place that builds meshes (docs/design.md)."""
 
+from lzn_jax.parallel.distributed import maybe_initialize
 from lzn_jax.parallel.mesh import batch_sharding, data_mesh
+from lzn_jax.parallel.sharding import batch_shard_count, host_rows
 
-__all__ = ["batch_sharding", "data_mesh"]
+__all__ = ["batch_shard_count", "batch_sharding", "data_mesh", "host_rows", "maybe_initialize"]

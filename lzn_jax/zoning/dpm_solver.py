@@ -1,4 +1,4 @@
-"""DPM-Solver++ multistep (orders 1-3) for the latent flow (SPEC.md §1.6), forward and reverse.
+"""DPM-Solver++ multistep (orders 1-3) for the latent flow, forward and reverse (docs/method.md, "DPM-Solver++").
 
 Schedule in code time: alpha_t = 1 - t, sigma_t = t, lambda_t = log(alpha_t / sigma_t). The data prediction
 is the posterior mean of the anchors, ``D(x, t) = x - t v = mean`` exactly, so no division by 1 - t is needed.
@@ -6,9 +6,10 @@ With the most recent data predictions D1 (at s = t_{k-1}), D2, D3 every update i
 
     x_t = D1 + (sigma_t / sigma_s) (x - D1) + c_a (D1 - D2) + c_b (D2 - D3),
 
-which is the reference's update rearranged (its ``-alpha_t expm1(-h)`` equals ``1 - sigma_t / sigma_s``); the
+which is the usual DPM-Solver++ update rearranged (its ``-alpha_t expm1(-h)`` equals ``1 - sigma_t / sigma_s``); the
 coefficients come from the float64 time grid on the host. The model is evaluated num_steps times, never at the
-final time.
+final time. The update is affine with weights summing to one, so it holds in coordinates relative to any
+per-row origin (``_evaluator.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lzn_jax.zoning import velocity as velocity_lib
+from lzn_jax.zoning._evaluator import Evaluate
+from lzn_jax.zoning.velocity import time_coefficients
 
 
 def time_grid(num_steps: int, eps: float, *, reverse: bool) -> np.ndarray:
@@ -77,61 +79,34 @@ def _apply_update(x, history, coefficients):
     return d1 + ratio * (x - d1) + c_a * (d1 - d2) + c_b * (d2 - d3)
 
 
-def dpm_solver_flow(
-    start: jax.Array,
-    context: jax.Array,
-    *,
-    num_steps: int,
-    eps: float,
-    reverse: bool,
-    order: int = 3,
-    lower_order_final: bool = True,
-    log_weights: jax.Array | None = None,
-    targets: jax.Array | None = None,
-    reference: velocity_lib.ZoneReference | None = None,
-    record: bool = False,
-    block_size: int | None = None,
-    memory_budget_bytes: int = velocity_lib.DEFAULT_MEMORY_BUDGET_BYTES,
-) -> tuple[jax.Array, jax.Array | None]:
-    """Integrates the latent flow with DPM-Solver++ multistep from the first to the last grid time.
+def dpm_solver_flow(start: jax.Array, evaluate: Evaluate, times: np.ndarray, orders: list[int]
+                    ) -> tuple[jax.Array, jax.Array | None]:
+    """Integrates the latent flow with DPM-Solver++ multistep over ``times`` (num_steps + 1, float64, host).
 
     Args:
-      start: (B, D) state at the first grid time (t = eps forward, t = 1 - eps reverse).
-      context: (N, D) anchors; log_weights: (N,) or None.
-      reference: per-row reference points for the logits (the forward flow's own anchors), or None.
-      record: also return the posterior at each of the num_steps evaluations ((num_steps, B, N), or
-        (num_steps, B) given targets (B,)).
+      start: (B, D) state at ``times[0]``; evaluate: the per-step evaluation (data prediction, recorded);
+      orders: the order of each of the num_steps updates (:func:`step_orders`).
     Returns:
-      ``(end (B, D), recorded or None)``.
+      ``(end (B, D), recorded at each of the num_steps evaluations, stacked, or None)``.
     """
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-    if num_steps < order:
-        raise ValueError(f"num_steps ({num_steps}) must be >= order ({order}); lower the order or add steps")
     dtype = start.dtype
-    times = time_grid(num_steps, eps, reverse=reverse)
-    updates = jnp.asarray(update_coefficients(times, step_orders(num_steps, order, lower_order_final)), dtype)
-    coefficients = velocity_lib.time_coefficients_array(times[:-1], dtype)
-
-    evaluate = velocity_lib.posterior_evaluator(
-        context, num_steps=num_steps, batch=start.shape[0], log_weights=log_weights, targets=targets,
-        reference=reference, record=record, block_size=block_size, memory_budget_bytes=memory_budget_bytes,
-    )
+    updates = jnp.asarray(update_coefficients(times, orders), dtype)
+    coefficients = time_coefficients(times[:-1])
 
     def multistep(carry, per_step):
         x, history = carry
         update, step_coefficients = per_step
         x = _apply_update(x, history, update)
-        data_prediction, recorded = evaluate(x, step_coefficients)
-        return (x, (data_prediction, history[0], history[1])), recorded
+        prediction, recorded = evaluate(x, step_coefficients)
+        return (x, (prediction, history[0], history[1])), recorded
 
     first_prediction, first_recorded = evaluate(start, jax.tree.map(lambda c: c[0], coefficients))
     zeros = jnp.zeros_like(start)  # unused history slots meet zero coefficients in the warm-up steps
     (x, history), recorded = jax.lax.scan(
         multistep, (start, (first_prediction, zeros, zeros)),
-        (updates[:-1], jax.tree.map(lambda c: c[1:], coefficients)),
+        (updates[:-1], jax.tree.map(lambda c: jnp.asarray(c[1:]), coefficients)),
     )
     end = _apply_update(x, history, updates[-1])
-    if not record:
+    if first_recorded is None:
         return end, None
     return end, jnp.concatenate([first_recorded[None], recorded], axis=0)

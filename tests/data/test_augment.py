@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lzn_jax.data import augment, transforms
+from lzn_jax.data import augment, device, transforms
 
 
 def _image(height, width, seed=0):
@@ -134,30 +134,61 @@ def test_view_parameters_have_the_configured_probabilities_and_ranges():
     assert not half["blur"]
 
 
-def test_host_and_device_photometric_paths_agree():
-    rng = np.random.default_rng(5)
-    options = augment.TwoViewOptions(crop_size=32, jitter_probability=0.9, grayscale_probability=0.2)
+def _views_and_parameters(options, count, seed=5):
+    """``uint8 (count, 2, S, S, 3)`` crops of random images and their stacked photometric parameters."""
+    rng = np.random.default_rng(seed)
     views, parameters = [], []
-    for seed in range(12):  # 24 views: many of the 24 jitter orders, hue at every position
-        crops, params = augment.two_view_crops(_image(48, 40, seed=seed), rng, options)
+    for image_seed in range(count):
+        crops, params = augment.two_view_crops(_image(48, 40, seed=image_seed), rng, options)
         views.append(crops)
         parameters.append(params)
-    views = np.stack(views)  # (12, 2, 32, 32, 3)
-    parameters = {key: np.stack([p[key] for p in parameters]) for key in parameters[0]}
+    return np.stack(views), {key: np.stack([p[key] for p in parameters]) for key in parameters[0]}
+
+
+def test_host_and_device_photometric_paths_agree():
+    options = augment.TwoViewOptions(crop_size=32, jitter_probability=0.9, grayscale_probability=0.2)
+    views, parameters = _views_and_parameters(options, 12)  # 24 views: many of the 24 jitter orders
     assert set(np.argmax(parameters["order"][parameters["jitter"]] == augment.HUE, axis=-1).tolist()) == {0, 1, 2, 3}
-    # Under jit: XLA's fusion once made an exact-equality hue sector test pick wrong sectors; eager could not show it.
-    device = np.asarray(jax.jit(augment.apply_photometric_device)(views, parameters))
-    assert device.shape == (12, 2, 32, 32, 3) and device.dtype == np.float32
-    assert device.min() >= -1.0 and device.max() <= 1.0
-    for b in range(12):
-        for v in range(2):
-            host = augment.apply_photometric_host(views[b, v], {k: p[b, v] for k, p in parameters.items()})
-            np.testing.assert_allclose(device[b, v], host * 2.0 - 1.0, atol=5e-5)
+    # Jitted, as in a training step: XLA fuses and may recompute an input with different rounding in two places,
+    # which eager execution never shows.
+    on_device = np.asarray(jax.jit(device.apply_photometric_device)(views, parameters))
+    on_host = augment.apply_photometric_host(views, parameters)
+    for images in (on_device, on_host):
+        assert images.shape == (12, 2, 32, 32, 3) and images.dtype == np.float32
+        # The model's range, used at both ends (random pixels reach black and white).
+        assert images.min() >= -1.0 and images.max() <= 1.0
+        assert images.min() < -0.95 and images.max() > 0.95
+    np.testing.assert_allclose(on_device, on_host, atol=5e-5)
+    one_view = augment.apply_photometric_host(views[3, 1], {key: value[3, 1] for key, value in parameters.items()})
+    np.testing.assert_array_equal(one_view, on_host[3, 1])
+
+
+def test_photometric_ops_with_neutral_parameters_are_the_model_input_conversion():
+    options = augment.TwoViewOptions(crop_size=16)
+    views, parameters = _views_and_parameters(options, 3)
+    neutral = {key: np.zeros_like(value) for key, value in parameters.items()}  # no flip, jitter, grayscale, blur
+    expected = views.astype(np.float64) / 255.0 * 2.0 - 1.0
+    np.testing.assert_allclose(augment.apply_photometric_host(views, neutral), expected, atol=1e-6)
+    on_device = jax.jit(device.apply_photometric_device)  # compiled once for both parameter sets
+    np.testing.assert_allclose(np.asarray(on_device(views, neutral)), expected, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(device.to_float_images(views)), expected, atol=1e-6)
+    flipped = dict(neutral, flip=np.ones_like(neutral["flip"]))
+    np.testing.assert_allclose(augment.apply_photometric_host(views, flipped), expected[..., ::-1, :], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(on_device(views, flipped)), expected[..., ::-1, :], atol=1e-6)
+
+
+def test_host_views_are_the_host_model_inputs_rounded_to_uint8():
+    options = augment.TwoViewOptions(crop_size=24)
+    image = _image(40, 50, seed=7)
+    views = augment.two_view_host(image, np.random.default_rng(3), options)
+    crops, parameters = augment.two_view_crops(image, np.random.default_rng(3), options)
+    floats = augment.apply_photometric_host(crops, parameters)
+    np.testing.assert_allclose(views, (floats + 1.0) * 127.5, atol=0.5 + 1e-3)
 
 
 def test_two_view_host_gives_two_different_uint8_views_of_the_crop_size():
     views = augment.two_view_host(_image(256, 320), np.random.default_rng(0), augment.TwoViewOptions())
     assert views.shape == (2, 224, 224, 3) and views.dtype == np.uint8
     assert not np.array_equal(views[0], views[1])
-    floats = np.asarray(transforms.to_float_images(views))
+    floats = np.asarray(device.to_float_images(views))
     assert floats.min() >= -1.0 and floats.max() <= 1.0

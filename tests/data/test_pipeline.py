@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lzn_jax.data import augment, digits, pipeline, transforms
+from lzn_jax.data import augment, device, digits, pipeline, sources
 
 
 def _config(**overrides):
@@ -24,11 +24,11 @@ def _numbered_source(num_records=103, size=8):
     """Records whose label is their index and whose image is random (so flips are visible)."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(num_records, size, size, 3), dtype=np.uint8)
-    return digits.ArraySource(images, np.arange(num_records, dtype=np.int32))
+    return sources.ArraySource(images, np.arange(num_records, dtype=np.int32))
 
 
 def _iterator(config, source, *, process_index=0, process_count=1, start_step=0, sharding=None):
-    return pipeline.GlobalBatchIterator(
+    return pipeline.build_pipeline(
         config, source=source, sharding=sharding, process_index=process_index, process_count=process_count,
         start_step=start_step,
     )
@@ -160,7 +160,6 @@ def test_global_batches_are_sharded_arrays_with_each_device_holding_its_rows(ord
     sharding = _data_sharding(order)
     source = _numbered_source(100)
     config = _config(augmentation="flip", batch_size=16)
-    np.testing.assert_array_equal(pipeline.host_rows(16, sharding, process_index=0, process_count=1), np.arange(16))
     host = _take(_iterator(config, source), 2)
     global_batches = _take(_iterator(config, source, sharding=sharding), 2)
     for expected, batch in zip(host, global_batches):
@@ -170,7 +169,8 @@ def test_global_batches_are_sharded_arrays_with_each_device_holding_its_rows(ord
         for shard in batch["label"].addressable_shards:
             np.testing.assert_array_equal(np.asarray(shard.data), expected["label"][shard.index])
             assert shard.data.shape == (2,)
-        floats = transforms.to_float_images(batch["image"])
+        floats = jax.jit(device.to_float_images)(batch["image"])
+        assert floats.sharding.is_equivalent_to(sharding, 4)
         np.testing.assert_allclose(np.asarray(floats), expected["image"] / 255.0 * 2.0 - 1.0, atol=1e-6)
 
 
@@ -178,9 +178,12 @@ def test_device_two_view_batches_finish_on_device_as_the_host_variant_does():
     source = _numbered_source(40, size=12)
     device_config = _config(augmentation="two_view", augment_on="device", image_size=10, batch_size=8)
     host_config = _config(augmentation="two_view", augment_on="host", image_size=10, batch_size=8)
-    batch = next(_iterator(device_config, source, sharding=_data_sharding()))
+    batches = _iterator(device_config, source, sharding=_data_sharding())
+    batch = next(batches)
     assert batch["augment"]["sigma"].shape == (8, 2) and batch["augment"]["flip"].dtype == bool
-    views = jax.jit(augment.apply_photometric_device)(batch["views"], batch["augment"])
+    inputs = jax.jit(batches.to_model_inputs)(batch)
+    assert set(inputs) == {"views", "label"}  # the parameters are used up
+    views = inputs["views"]
     assert views.shape == (8, 2, 10, 10, 3) and len(views.sharding.device_set) == 8
     host_views = next(_iterator(host_config, source))["views"]
     # The host variant rounds to uint8 once at the end; the device variant keeps floats.
@@ -221,3 +224,88 @@ def test_bad_settings_fail_with_clear_messages():
     state = iterator.get_state()
     with pytest.raises(ValueError, match="seed"):
         _iterator(_config(seed=2), source).set_state(state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation passes: every record exactly once, padded and masked, the same on any number of hosts.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _eval_batches(config, source, *, process_index=0, process_count=1, sharding=None):
+    return pipeline.build_eval_pipeline(
+        config, source=source, sharding=sharding, process_index=process_index, process_count=process_count
+    )
+
+
+def _concatenate_hosts(host_batches):
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *host_batches)
+
+
+@pytest.mark.parametrize(
+    "num_records, process_count",
+    [(23, 2), (17, 3), (19, 3), (24, 3), (4, 2)],
+    ids=["2_hosts", "3_hosts", "3_hosts_two_all_padding", "3_hosts_no_padding", "fewer_records_than_a_batch"],
+)
+def test_eval_pass_visits_every_record_once_over_simulated_hosts(num_records, process_count):
+    source = _numbered_source(num_records)
+    config = _config(augmentation="none", batch_size=6)
+    num_batches = -(-num_records // 6)
+    hosts = [_eval_batches(config, source, process_index=p, process_count=process_count) for p in range(process_count)]
+    assert [len(host) for host in hosts] == [num_batches] * process_count
+    per_host = [list(host) for host in hosts]
+    assert [len(batches) for batches in per_host] == [num_batches] * process_count
+    seen = []
+    for step in range(num_batches):
+        assert {per_host[p][step]["mask"].shape for p in range(process_count)} == {(6 // process_count,)}
+        batch = _concatenate_hosts([per_host[p][step] for p in range(process_count)])
+        mask, labels = batch["mask"], batch["label"]
+        assert mask.dtype == bool and mask.shape == (6,)
+        # File order, and padding only after the last record.
+        positions = np.arange(step * 6, (step + 1) * 6)
+        np.testing.assert_array_equal(mask, positions < num_records)
+        np.testing.assert_array_equal(labels[mask], positions[mask])
+        np.testing.assert_array_equal(batch["image"][mask], source.images[labels[mask]])
+        assert not batch["image"][~mask].any() and not labels[~mask].any()
+        seen.extend(labels[mask].tolist())
+    assert sorted(seen) == list(range(num_records))  # every record exactly once, the last partial batch kept
+
+
+def test_eval_batches_do_not_depend_on_the_host_count_even_with_random_augmentation():
+    source = _numbered_source(29, size=12)
+    config = _config(augmentation="two_view", augment_on="device", image_size=8, batch_size=6)
+    single = list(_eval_batches(config, source))
+    three_hosts = [list(_eval_batches(config, source, process_index=p, process_count=3)) for p in range(3)]
+    assert len(single) == 5
+    for step, expected in enumerate(single):
+        _assert_same(expected, _concatenate_hosts([host[step] for host in three_hosts]))
+    last = single[-1]
+    np.testing.assert_array_equal(last["mask"], [True, True, True, True, True, False])
+    assert not last["views"][5].any() and not last["augment"]["sigma"][5].any()
+    inputs = jax.jit(_eval_batches(config, source).to_model_inputs)(last)
+    assert set(inputs) == {"views", "label", "mask"} and inputs["views"].shape == (6, 2, 8, 8, 3)
+    assert bool(jax.numpy.isfinite(inputs["views"]).all())
+
+
+def test_a_second_iteration_starts_a_new_identical_pass():
+    source = _numbered_source(13)
+    batches = _eval_batches(_config(augmentation="flip", batch_size=4), source)
+    first, second = list(batches), list(batches)
+    assert len(first) == len(second) == 4
+    for a, b in zip(first, second):
+        _assert_same(a, b)
+
+
+def test_sharded_eval_batches_count_every_record_once_on_device():
+    sharding = _data_sharding((3, 0, 7, 1, 6, 2, 5, 4))
+    source = _numbered_source(37)
+    batches = _eval_batches(_config(augmentation="none", batch_size=16), source, sharding=sharding)
+    host_batches = list(_eval_batches(_config(augmentation="none", batch_size=16), source))
+    assert len(batches) == 3 and batches.num_examples == 37
+    count_and_sum = jax.jit(lambda b: (b["mask"].sum(), jax.numpy.where(b["mask"], b["label"], 0).sum()))
+    count, total = 0, 0
+    for batch, expected in zip(batches, host_batches):
+        assert batch["mask"].sharding == sharding and batch["mask"].shape == (16,)
+        _assert_same(expected, batch)
+        batch_count, batch_total = count_and_sum(batch)
+        count, total = count + int(batch_count), total + int(batch_total)
+    assert (count, total) == (37, sum(range(37)))

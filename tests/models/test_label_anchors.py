@@ -18,12 +18,14 @@ def test_initialised_standard_normal():
     assert abs(np.mean(np.abs(table)) - np.sqrt(2 / np.pi)) < 0.02  # E|N(0, 1)|
 
 
-def test_lookup_returns_rows_and_gradient_counts_labels():
+def test_lookup_returns_rows_in_both_modes_and_gradient_counts_labels():
     module = models.LabelAnchors(num_classes=10, latent_dim=4)
     params = module.init(jax.random.key(1))
     labels = jnp.asarray([3, 3, 0, 9])
     table = np.asarray(module.apply(params))
+    assert table.shape == (10, 4)
     np.testing.assert_array_equal(module.apply(params, labels), table[[3, 3, 0, 9]])
+    np.testing.assert_array_equal(module.apply(params, labels, train=True), table[[3, 3, 0, 9]])
     grad = jax.grad(lambda p: module.apply(p, labels).sum())(params)["params"]["anchors"]
     counts = np.bincount(np.asarray(labels), minlength=10)
     np.testing.assert_array_equal(grad, np.repeat(counts[:, None], 4, axis=1))

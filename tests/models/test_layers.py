@@ -93,18 +93,23 @@ def test_gaussian_fourier_projection_closed_form_and_frozen_frequencies():
 
 
 @pytest.mark.parametrize(
-    "channels_out, down, with_temb", [(8, False, True), (12, False, False), (8, True, True)]
+    "channels_out, resample, fir, with_temb",
+    [(8, None, False, True), (12, None, False, False), (8, "down", False, True), (12, "down", True, True),
+     (8, "up", False, False), (12, "up", True, True)],
 )
-def test_resnet_block_matches_numpy(channels_out, down, with_temb):
+def test_resnet_block_matches_numpy(channels_out, resample, fir, with_temb):
     x = jax.random.normal(jax.random.key(3), (2, 8, 8, 8))
     temb = jax.random.normal(jax.random.key(4), (2, 5)) if with_temb else None
     # init_scale 1 so the second conv is not ~0 and really enters the comparison.
-    block = layers.ResnetBlockBigGAN(out_ch=channels_out, down=down, init_scale=1.0)
+    block = layers.ResnetBlockBigGAN(
+        out_ch=channels_out, up=resample == "up", down=resample == "down", fir=fir, init_scale=1.0
+    )
     # Random params (norm affines included) so the comparison also checks scale/bias placement.
     params = ref.random_params(block, x, temb)["params"]
     out = block.apply({"params": params}, x, temb)
-    expected = ref.resnet_block_biggan(ref.to_numpy(params), np.asarray(x), None if temb is None else np.asarray(temb),
-                                       down=down)
+    expected = ref.resnet_block_biggan(
+        ref.to_numpy(params), np.asarray(x), None if temb is None else np.asarray(temb), resample=resample, fir=fir
+    )
     assert out.shape == expected.shape
     np.testing.assert_allclose(out, expected, rtol=2e-4, atol=2e-4)
 

@@ -1,35 +1,52 @@
 """ResNet-50-GN: paper sizes, v1.5 bottleneck against NumPy, zero-init residual, input mapping, head, dtype, remat."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lzn_jax import models
-from lzn_jax.models import resnet
+from lzn_jax.models import presets, resnet
 from tests.models import numpy_reference as ref
 
 TINY = dict(name="resnet50_gn", latent_dim=64, stage_sizes=(1,), head_num_layers=2)  # one stage: 256 features
 
-
-def _count(tree):
-    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(tree))
-
-
-@pytest.mark.parametrize("head_num_layers, expected", [(2, 28_231_232), (1, 24_032_832), (0, 23_508_032)])
-def test_parameter_count_equals_paper(head_num_layers, expected):
-    module = models.build(resnet.resnet50_gn_config(head_num_layers=head_num_layers))
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
-    assert _count(shapes) == expected
+# head_num_layers -> parameter count: 2 is the configured head, 1 the paper's reported count, 0 the backbone.
+PAPER_COUNTS = {2: 28_231_232, 1: 24_032_832, 0: 23_508_032}
 
 
-def test_resnet50_shapes_through_eval_shape():
-    module = models.build(resnet.resnet50_gn_config(), dtype="bfloat16")
-    x = jnp.zeros((2, 224, 224, 3))
-    params = jax.eval_shape(lambda: module.init(jax.random.key(0), x))
-    anchors, features = jax.eval_shape(lambda p: module.apply(p, x, return_features=True), params)
-    assert anchors.shape == (2, 256) and features.shape == (2, 2048)
-    assert anchors.dtype == features.dtype == jnp.float32
+@pytest.fixture(scope="module")
+def resnet50():
+    """head_num_layers -> (ResNetOutput, params) as ShapeDtypeStructs of the bfloat16-compute ResNet-50-GN at
+    batch 2 and 224x224, traced once."""
+
+    @functools.cache
+    def trace(head_num_layers):
+        config = presets.resnet50_gn_config(head_num_layers=head_num_layers)
+        module = models.build(config, dtype="bfloat16")
+        inputs = models.example_inputs(config, 2, 224)
+        output, variables = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), *inputs))
+        return output, variables["params"]
+
+    return trace
+
+
+@pytest.mark.parametrize("head_num_layers", list(PAPER_COUNTS))
+def test_parameter_count_equals_paper(resnet50, head_num_layers):
+    _, params = resnet50(head_num_layers)
+    assert ref.count_parameters(params) == PAPER_COUNTS[head_num_layers]
+
+
+@pytest.mark.parametrize("head_num_layers", list(PAPER_COUNTS))
+def test_output_is_float32_anchors_and_features_with_float32_params(resnet50, head_num_layers):
+    output, params = resnet50(head_num_layers)
+    assert isinstance(output, resnet.ResNetOutput)
+    assert output.anchors.shape == ((2, 2048) if head_num_layers == 0 else (2, 256))
+    assert output.features.shape == (2, 2048)
+    assert output.anchors.dtype == output.features.dtype == jnp.float32
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.float32)}
 
 
 @pytest.mark.parametrize("stride, use_projection, channels", [(2, True, 64), (1, False, 128)])
@@ -67,7 +84,7 @@ def test_projection_head_matches_numpy(head_num_layers):
     module = models.build(TINY, head_num_layers=head_num_layers)
     x = jnp.asarray(np.random.default_rng(3).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
     params = ref.random_params(module, x)
-    anchors, features = module.apply(params, x, return_features=True)
+    anchors, features = module.apply(params, x)
     assert features.shape == (2, 256) and anchors.dtype == jnp.float32
     h = np.asarray(features, np.float64)
     p = ref.to_numpy(params["params"])
@@ -91,19 +108,23 @@ def test_initialisation_is_pytorch_default():
     assert np.abs(np.asarray(params["head_dense_1"]["kernel"])).max() <= 1 / np.sqrt(256)
 
 
-def test_bfloat16_close_and_remat_identical():
+def test_bfloat16_compute_is_close_to_float32():
     x = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
     plain = models.build(TINY)
     params = ref.random_params(plain, x)
-
-    anchors16 = models.build(TINY, dtype="bfloat16").apply(params, x)
-    anchors32 = plain.apply(params, x)
+    anchors16 = models.build(TINY, dtype="bfloat16").apply(params, x).anchors
+    anchors32 = plain.apply(params, x).anchors
     assert anchors16.dtype == jnp.float32
     error = np.linalg.norm(anchors16 - anchors32) / np.linalg.norm(anchors32)
     assert 1e-5 < error < 3e-2
 
-    remat = models.build(TINY, remat=True)
-    loss = lambda module: jax.value_and_grad(lambda p: jnp.sum(module.apply(p, x) ** 2))(params)
+
+@pytest.mark.slow
+def test_remat_gives_identical_values_and_gradients():
+    x = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+    plain, remat = models.build(TINY), models.build(TINY, remat=True)
+    params = ref.random_params(plain, x)
+    loss = lambda module: jax.value_and_grad(lambda p: jnp.sum(module.apply(p, x).anchors ** 2))(params)
     (value_plain, grads_plain), (value_remat, grads_remat) = loss(plain), loss(remat)
     np.testing.assert_allclose(value_remat, value_plain, rtol=1e-6)
     ref.assert_trees_equal_up_to_float32_rounding(grads_remat, grads_plain)

@@ -35,11 +35,14 @@ def main(process_id: int, port: int, out_file: str) -> None:
     to_global = lambda a: jax.make_array_from_process_local_data(rows, a[local])  # noqa: E731
     g_anchors, g_prior, g_projection = map(to_global, (anchors, prior, projection))
 
+    forward = zoning.SolverOptions(solver="dpm_solver++", num_steps=6)
+    reverse = zoning.SolverOptions(solver="euler", num_steps=10)
+
     def loss(anchors, prior, projection):
-        latents, index = zoning.compute_latents_sharded(anchors, prior, mesh=mesh, solver="dpm_solver++",
-                                                        num_steps=6)
-        _, log_probs = zoning.assign_sharded(latents, anchors + 0.1, mesh=mesh, num_steps=10, targets=index)
-        value = jnp.mean(jnp.sum(latents * projection, -1)) + zoning.alignment_loss(log_probs, None)
+        latents = zoning.compute_latents_sharded(anchors, prior, mesh=mesh, options=forward)
+        _, log_probs = zoning.assign_targets_sharded(latents, anchors + 0.1, jnp.arange(GLOBAL_BATCH), mesh=mesh,
+                                                     options=reverse)
+        value = jnp.mean(jnp.sum(latents * projection, -1)) + zoning.target_alignment_loss(log_probs)
         return value, latents
 
     (value, latents), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(g_anchors, g_prior, g_projection)

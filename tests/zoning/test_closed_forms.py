@@ -19,7 +19,7 @@ def test_single_anchor_flows_on_a_straight_line(x64, solver):
     latents = zoning.compute_latents(jnp.asarray(own), jnp.asarray(prior), context=jnp.asarray(anchor),
                                      solver=solver, num_steps=7)
     t_end = 1.0 if solver == "euler" else 1 - 1e-3
-    # float64 rounding at the start is amplified ~1/eps = 1e4 along the flow (SPEC.md §8 M5).
+    # float64 rounding at the start is amplified ~1/eps = 1e4 along the flow (docs/numerics.md).
     np.testing.assert_allclose(latents, (1 - t_end) * own + t_end * prior, rtol=0, atol=1e-10)
 
 
@@ -27,8 +27,8 @@ def test_first_order_dpm_step_is_exact_for_a_single_anchor(x64):
     """order=1, one step: x_t = (t/s) x + (1 - t/s) a lands exactly on the line for any step size."""
     anchor = np.array([[1.5, -2.0, 0.5]])
     prior = np.array([[0.3, 0.1, -1.0]])
-    latents = zoning.compute_latents(jnp.asarray(anchor), jnp.asarray(prior), solver="dpm_solver++",
-                                     num_steps=1, order=1, eps=0.1)
+    options = zoning.SolverOptions(solver="dpm_solver++", num_steps=1, order=1, eps=0.1)
+    latents = zoning.compute_latents(jnp.asarray(anchor), jnp.asarray(prior), options=options)
     np.testing.assert_allclose(latents, 0.1 * anchor + 0.9 * prior, rtol=0, atol=1e-14)
 
 
@@ -54,7 +54,8 @@ def test_log_probs_normalised_and_first_entry_equals_weights():
     context = jnp.asarray(rng.standard_normal((10, 5)), jnp.float32)
     latents = jnp.asarray(rng.standard_normal((7, 5)), jnp.float32)
     weights = rng.uniform(0.5, 4.0, 10)
-    _, log_probs = zoning.assign(latents, context, num_steps=30, weights=jnp.asarray(weights, jnp.float32))
+    log_weights = zoning.log_weights_from_weights(jnp.asarray(weights, jnp.float32))
+    _, log_probs = zoning.assign(latents, context, num_steps=30, log_weights=log_weights)
     np.testing.assert_allclose(jnp.sum(jnp.exp(log_probs), axis=-1), 1.0, atol=1e-5)
     expected = np.broadcast_to(weights / weights.sum(), (7, 10))
     np.testing.assert_allclose(jnp.exp(log_probs[0]), expected, rtol=1e-5)
@@ -63,7 +64,7 @@ def test_log_probs_normalised_and_first_entry_equals_weights():
 
 
 def test_zero_weight_gives_no_nan_in_values_or_gradients():
-    """SPEC.md §8 item 2: the reference divides 0/0 when the nearest anchor has weight zero."""
+    """docs/differences.md, item 2: the reference divides 0/0 when the nearest anchor has weight zero."""
     context = jnp.array([[0.0, 0.0], [30.0, 0.0], [0.0, 30.0]])
     latents = jnp.array([[0.01, 0.02], [0.5, -0.3]])  # next to the anchor that gets weight zero
     log_weights = jnp.array([-jnp.inf, 0.0, jnp.log(2.0)])
@@ -106,7 +107,7 @@ def test_alignment_loss_closed_form():
     np.testing.assert_allclose(zoning.alignment_loss(log_probs, targets, use_log=True),
                                -(np.log(0.9) + np.log(0.6)) / 2, rtol=1e-6)
     column = jnp.take_along_axis(log_probs, targets[None, :, None], axis=2)[..., 0]
-    np.testing.assert_allclose(zoning.alignment_loss(column, None), -(0.9 + 0.6) / 2, rtol=1e-6)
+    np.testing.assert_allclose(zoning.target_alignment_loss(column), -(0.9 + 0.6) / 2, rtol=1e-6)
     # The gradient reaches only the arg-max step of each sample.
     grad = jax.grad(lambda lp: zoning.alignment_loss(lp, targets))(log_probs)
     nonzero = np.argwhere(np.asarray(grad) != 0)
@@ -114,7 +115,7 @@ def test_alignment_loss_closed_form():
 
 
 def test_log_alignment_loss_stays_finite_when_probability_underflows():
-    """SPEC.md §8 item 3: the reference's -log(max p) is +inf once p underflows in float32."""
+    """docs/differences.md, item 3: the reference's -log(max p) is +inf once p underflows in float32."""
     context = jnp.array([[0.0], [40.0]])
     latents = jnp.array([[-5.0]])  # flows to anchor 0; the target anchor 1 becomes vanishingly unlikely
     _, log_probs = zoning.assign(latents, context, num_steps=20)
@@ -146,7 +147,7 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="context has latent dimension 5"):
         zoning.assign(a, jnp.ones((6, 5)))
     with pytest.raises(ValueError, match="weights must be strictly positive"):
-        zoning.assign(a, a, weights=jnp.array([1.0, 0.0, 1.0, 1.0]))
+        zoning.log_weights_from_weights(jnp.array([1.0, 0.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="log_weights must have shape \\(4,\\)"):
         zoning.assign(a, a, log_weights=jnp.zeros(3))
     with pytest.raises(ValueError, match="num_steps must be a positive int"):
@@ -155,9 +156,17 @@ def test_bad_input_raises_clear_errors():
         zoning.compute_latents(a, a, num_steps=2)
     with pytest.raises(ValueError, match="cut_off=1.0 keeps no step"):
         zoning.alignment_loss(jnp.zeros((10, 4, 4)), jnp.zeros(4, jnp.int32), cut_off=1.0)
-    with pytest.raises(ValueError, match="block_size needs targets"):
-        zoning.assign(a, a, block_size=2)
+    with pytest.raises(ValueError, match="use assign_targets"):
+        zoning.assign(a, a, options=zoning.SolverOptions(solver="euler", num_steps=5, block_size=2))
     with pytest.raises(ValueError, match="targets must index the 4 context anchors"):
-        zoning.assign(a, a, targets=jnp.array([0, 1, 2, 4]))
+        zoning.assign_targets(a, a, jnp.array([0, 1, 2, 4]))
     with pytest.raises(ValueError, match="targets must index the 4 context anchors"):
-        zoning.assign(a, a, targets=jnp.array([0, 1, 2, -1]))
+        zoning.assign_targets(a, a, jnp.array([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match="targets must be \\(4,\\) integers"):
+        zoning.assign_targets(a, a, jnp.zeros(4))
+    with pytest.raises(ValueError, match="remat='sometimes' does not exist"):
+        zoning.SolverOptions(remat="sometimes")
+    with pytest.raises(TypeError, match="options must be a zoning.SolverOptions"):
+        zoning.compute_latents(a, a, options={"solver": "euler"})
+    with pytest.raises(ValueError, match="target_log_probs must be \\(steps, batch\\)"):
+        zoning.target_alignment_loss(jnp.zeros((10, 4, 4)))

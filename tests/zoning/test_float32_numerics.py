@@ -1,15 +1,18 @@
-"""float32 with nearly coinciding anchors (SPEC.md §8 M5): the matmul expansion of the logits cancels there;
-logits measured from each row's own anchor, with exact squared distances, keep the posterior accurate.
+"""Float32 accuracy: every solver output against the float64 path, side by side with the reference's own
+float32 formulation (a NumPy float32 transcription of its broadcast code, float32 time arithmetic included).
 
-(Anchor gradients through a whole flow are not tested here: their float32 error, 1e-3 to 7e-3 relative on these
-anchors with or without the reference, is dominated by the cancellation of SPEC.md §8 M2.)"""
+docs/numerics.md explains the pivots that make the difference: the forward flow's state is measured from each
+row's own anchor, and the reverse flow re-measures from the rows' nearest anchors as it approaches them.
+"""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from lzn_jax.zoning import velocity
+from lzn_jax import zoning
+from lzn_jax.zoning import _dense, _evaluator, velocity
 
 
 def near_duplicate_anchors(seed=0, pairs=32, dim=16, scale=5.0, gap=0.14):
@@ -27,23 +30,138 @@ def posterior_float64(x, t, anchors):
 
 
 @pytest.mark.parametrize("t", [0.02, 0.05, 0.2])
-def test_posterior_with_reference_is_accurate_for_near_duplicates(t):
+def test_pivot_posterior_is_accurate_for_near_duplicates(t):
     anchors = near_duplicate_anchors()
     x = (1 - t) * anchors + t * np.random.default_rng(1).standard_normal(anchors.shape)
     expected = posterior_float64(x, t, anchors)
     a32, x32 = jnp.asarray(anchors, jnp.float32), jnp.asarray(x, jnp.float32)
-    coefficients = velocity.time_coefficients(t)
-    _, log_probs = velocity.posterior(x32, a32, coefficients, reference=velocity.zone_reference(a32, a32))
+    options = zoning.SolverOptions(solver="euler")
+    evaluate = _evaluator.make_evaluator(a32, options, batch=64, origin=_evaluator.pivot_origin(a32, a32),
+                                         record=_evaluator.RECORD_ALL)
+    _, log_probs = evaluate(x32 - a32, velocity.time_coefficients(t))
     # Measured 7e-8 / 1.4e-5 / 6.8e-6 at t = 0.02 / 0.05 / 0.2.
     assert np.max(np.abs(np.exp(np.asarray(log_probs, np.float64)) - expected)) < 5e-5
-    if t == 0.05:  # the case is hard: the plain expansion is off by 6e-3 here
-        _, plain = velocity.posterior(x32, a32, coefficients)
+    if t == 0.05:  # the case is hard: the expansion from the origin is off by 6e-3 here
+        _, plain = velocity.posterior(x32, a32, velocity.time_coefficients(t))
         assert np.max(np.abs(np.exp(np.asarray(plain, np.float64)) - expected)) > 1e-3
 
 
-def test_reference_squared_distances_exact_and_differentiable(x64):
+def test_pivot_squared_distances_exact_and_differentiable(x64):
     rng = np.random.default_rng(2)
     points, context = jnp.asarray(rng.standard_normal((5, 3))), jnp.asarray(rng.standard_normal((7, 3)))
     expected = np.sum((np.asarray(context)[None] - np.asarray(points)[:, None]) ** 2, -1)
-    np.testing.assert_allclose(velocity.reference_squared_distances(points, context), expected, rtol=1e-14)
-    check_grads(velocity.reference_squared_distances, (points, context), order=1, modes=["rev"])
+    np.testing.assert_allclose(_dense.pivot_squared_distances(points, context), expected, rtol=1e-14)
+    check_grads(_dense.pivot_squared_distances, (points, context), order=1, modes=["rev"])
+
+
+# ------------------------------------------------------------------------ the reference's float32 formulation
+
+
+def reference_velocity(x, t, anchors):
+    noise = (x[:, None, :] - (1 - t) * anchors[None]) / t
+    log_pdf = -0.5 * np.sum(noise**2, axis=-1)
+    pdf = np.exp(log_pdf - log_pdf.max(axis=1, keepdims=True))
+    return np.sum(pdf[:, :, None] * (noise - anchors[None]), axis=1) / np.sum(pdf, axis=1)[:, None], pdf
+
+
+def reference_euler_forward(anchors, prior, steps):
+    t = np.float32(1e-4)
+    h = (np.float32(1) - t) / np.float32(steps)
+    x = t * prior + (np.float32(1) - t) * anchors
+    for _ in range(steps):
+        x = x + h * reference_velocity(x, t, anchors)[0]
+        t = t + h
+    return x
+
+
+def reference_data_prediction(x, t, anchors):
+    v, _ = reference_velocity(x, t, anchors)
+    alpha, sigma, one = np.float32(1) - t, t, np.float32(1)
+    noise = (v + x / alpha) / (one + sigma / alpha)
+    return (x - sigma * noise) / alpha
+
+
+def reference_dpm_forward(anchors, prior, steps, eps=1e-3):
+    times = np.linspace(np.float32(eps), np.float32(1 - eps), steps + 1, dtype=np.float32)
+    lambdas = np.log(np.float32(1) / times - np.float32(1))
+    x = times[0] * prior + (np.float32(1) - times[0]) * anchors
+    history = [reference_data_prediction(x, times[0], anchors)]
+    for k in range(1, steps + 1):
+        order = min(k, 3)
+        t, s, h = times[k], times[k - 1], lambdas[k] - lambdas[k - 1]
+        alpha_t, phi_1 = np.float32(1) - t, np.expm1(-h)
+        new = (t / s) * x - alpha_t * phi_1 * history[-1]
+        if order >= 2:
+            r0 = (lambdas[k - 1] - lambdas[k - 2]) / h
+            d0 = (history[-1] - history[-2]) / r0
+        if order == 2:
+            new = new - np.float32(0.5) * alpha_t * phi_1 * d0
+        if order == 3:
+            r1 = (lambdas[k - 2] - lambdas[k - 3]) / h
+            d1 = (history[-2] - history[-3]) / r1
+            e1, e2 = d0 + r0 / (r0 + r1) * (d0 - d1), (d0 - d1) / (r0 + r1)
+            phi_2 = phi_1 / h + np.float32(1)
+            new = new + alpha_t * phi_2 * e1 - alpha_t * (phi_2 / h - np.float32(0.5)) * e2
+        x = new
+        if k < steps:
+            history = (history + [reference_data_prediction(x, t, anchors)])[-3:]
+    return x
+
+
+def reference_euler_reverse(latents, anchors, steps):
+    t, h, x, probs = np.float32(1), np.float32(1 / steps), latents, []
+    for _ in range(steps):
+        v, pdf = reference_velocity(x, t, anchors)
+        probs.append(pdf / pdf.sum(axis=1, keepdims=True))
+        x, t = x - h * v, t - h
+    return x, np.stack(probs)
+
+
+# ------------------------------------------------------------------------------------------------ the cases
+
+
+def accuracy_case(kind, seed, num=96, dim=24):
+    """float64 anchors, prior draw and reverse-flow latents for one fresh random case."""
+    rng = np.random.default_rng(1000 + seed)
+    if kind == "near-duplicates":
+        base = rng.standard_normal((num // 2, dim))
+        anchors = 5.0 * np.concatenate([base, base + 0.14 / np.sqrt(dim) * rng.standard_normal(base.shape)])
+    else:
+        anchors = {"scale 1": 1.0, "scale 5": 5.0}[kind] * rng.standard_normal((num, dim))
+    return anchors, rng.standard_normal((num, dim)), rng.standard_normal((num, dim))
+
+
+def relative_error(value, exact):
+    return float(np.max(np.abs(np.asarray(value, np.float64) - exact)) / np.max(np.abs(exact)))
+
+
+@jax.jit
+def _our_outputs(anchors, prior, latents):
+    return {
+        "euler_latents": zoning.compute_latents(anchors, prior, solver="euler", num_steps=20),
+        "dpm_latents": zoning.compute_latents(anchors, prior, solver="dpm_solver++", num_steps=20),
+        "reverse": zoning.assign(latents, anchors, num_steps=100),
+    }
+
+
+def our_outputs(anchors, prior, latents, dtype):
+    out = _our_outputs(*(jnp.asarray(a, dtype) for a in (anchors, prior, latents)))
+    endpoints, log_probs = out.pop("reverse")
+    out["reverse_endpoints"], out["reverse_probs"] = endpoints, jnp.exp(log_probs)
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kind", ["scale 1", "scale 5", "near-duplicates"])
+def test_float32_outputs_at_least_as_accurate_as_the_reference_formulation(kind, seed):
+    anchors, prior, latents = accuracy_case(kind, seed)
+    with jax.enable_x64(True):
+        exact = our_outputs(anchors, prior, latents, jnp.float64)
+    ours = our_outputs(anchors, prior, latents, jnp.float32)
+    a32, p32, z32 = (a.astype(np.float32) for a in (anchors, prior, latents))
+    reference = {"euler_latents": reference_euler_forward(a32, p32, 20), "dpm_latents": reference_dpm_forward(a32, p32, 20)}
+    reference["reverse_endpoints"], reference["reverse_probs"] = reference_euler_reverse(z32, a32, 100)
+    for name, value in ours.items():
+        ours_error, reference_error = relative_error(value, exact[name]), relative_error(reference[name], exact[name])
+        print(f"{kind} seed {seed} {name}: ours {ours_error:.2e} reference {reference_error:.2e}")
+        assert ours_error <= reference_error, f"{name}: ours {ours_error:.2e} > reference {reference_error:.2e}"

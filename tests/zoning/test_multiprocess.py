@@ -30,8 +30,8 @@ def single_process_reference():
 
     def loss(anchors):
         latents = zoning.compute_latents(anchors, prior, solver="dpm_solver++", num_steps=6)
-        _, log_probs = zoning.assign(latents, anchors + 0.1, num_steps=10, targets=jnp.arange(16))
-        return jnp.mean(jnp.sum(latents * projection, -1)) + zoning.alignment_loss(log_probs, None), latents
+        _, log_probs = zoning.assign_targets(latents, anchors + 0.1, jnp.arange(16), solver="euler", num_steps=10)
+        return jnp.mean(jnp.sum(latents * projection, -1)) + zoning.target_alignment_loss(log_probs), latents
 
     return jax.value_and_grad(loss, has_aux=True)(anchors)
 

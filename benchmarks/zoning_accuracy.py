@@ -1,0 +1,223 @@
+"""Float32 accuracy of the latent zoning solver, side by side with the PyTorch reference's own float32 code.
+
+Every output is compared with the exact flow computed in float64 (our solver under x64, which agrees with an
+independent float64 transcription of the reference to ~1e-12; tests/zoning/test_against_reference.py). The error
+of an output is ``max |value - float64| / max |float64|`` over the whole array, the worst case over --seeds.
+
+  ours       lzn_jax.zoning in float32
+  reference  the reference's float32 formulation in PyTorch: the (B, N, D) broadcast velocity with max-shifted
+             pdfs, float32 time arithmetic, DPM-Solver++ data prediction through the noise prediction; run by
+             a separate Python that has CPU torch (--torch-python); it imports nothing from lzn_jax
+
+Outputs: Euler and DPM-Solver++ forward latents (20 steps), the anchor gradient of <latents, W> through each,
+and the Euler reverse flow (100 steps): its end points and its posterior probabilities. Cases: N = B anchors
+~ N(0, scale^2) for scales 1 and 5, and "near-duplicate" anchors (pairs 0.14 * scale apart).
+
+  python benchmarks/zoning_accuracy.py --torch-python .venv-torch/bin/python
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OUTPUTS = ("euler_latents", "euler_grad", "dpm_latents", "dpm_grad", "reverse_endpoints", "reverse_probs")
+
+
+def make_case(seed: int, size: int, dim: int, scale: float, near_duplicates: bool) -> dict[str, np.ndarray]:
+    """Anchors (N, D), prior draw (N, D), gradient weights W (N, D) and reverse-flow latents (N, D), float64."""
+    rng = np.random.default_rng(seed)
+    if near_duplicates:
+        centres = rng.standard_normal((size // 2, dim))
+        partners = centres + 0.14 / np.sqrt(dim) * rng.standard_normal((size // 2, dim))
+        anchors = scale * np.concatenate([centres, partners])
+    else:
+        anchors = scale * rng.standard_normal((size, dim))
+    return {
+        "anchors": anchors, "prior": rng.standard_normal((size, dim)), "weights": rng.standard_normal((size, dim)),
+        "latents": rng.standard_normal((size, dim)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ ours (JAX)
+
+
+def run_ours(case: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """Our solver's outputs in ``dtype`` ("float32" or "float64"; the latter needs x64 enabled)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lzn_jax import zoning
+
+    anchors, prior, weights, latents = (jnp.asarray(case[k], dtype) for k in ("anchors", "prior", "weights", "latents"))
+    results = {}
+    for solver, name in (("euler", "euler"), ("dpm_solver++", "dpm")):
+        def objective(a, solver=solver):
+            out = zoning.compute_latents(a, prior, solver=solver, num_steps=20)
+            return jnp.sum(out * weights), out
+
+        (_, out), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(anchors)
+        results[f"{name}_latents"], results[f"{name}_grad"] = out, grad
+    endpoints, log_probs = zoning.assign(latents, anchors, num_steps=100)
+    results["reverse_endpoints"], results["reverse_probs"] = endpoints, jnp.exp(log_probs)
+    return {k: np.asarray(jax.device_get(v), np.float64) for k, v in results.items()}
+
+
+# ----------------------------------------------------------------------------- the reference's float32 (torch)
+
+
+def run_reference(case: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The reference's float32 computation, transcribed from its description (runs under torch)."""
+    import torch
+
+    f32 = torch.float32
+
+    def velocity(x, t, anchors):
+        noise = (x[:, None, :] - (1 - t) * anchors[None]) / t
+        log_pdf = -0.5 * (noise**2).sum(-1)
+        pdf = torch.exp(log_pdf - log_pdf.max(dim=1, keepdim=True).values)
+        v = (pdf[:, :, None] * (noise - anchors[None])).sum(1) / pdf.sum(1)[:, None]
+        return v, pdf
+
+    def euler_forward(anchors, prior, steps, eps=1e-4):
+        t = torch.tensor(eps, dtype=f32)
+        h = (1 - t) / steps
+        x = t * prior + (1 - t) * anchors
+        for _ in range(steps):
+            v, _ = velocity(x, t, anchors)
+            x = x + h * v
+            t = t + h
+        return x
+
+    def data_prediction(x, t, anchors):
+        # Noise prediction from the velocity with d alpha/dt = -1, d sigma/dt = 1, then x0 = (x - sigma eps)/alpha.
+        v, _ = velocity(x, t, anchors)
+        alpha, sigma = 1 - t, t
+        noise = (v - (-1 / alpha) * x) / (1 - sigma * (-1 / alpha))
+        return (x - sigma * noise) / alpha
+
+    def dpm_forward(anchors, prior, steps, eps=1e-3, order=3):
+        times = torch.linspace(eps, 1 - eps, steps + 1, dtype=f32)
+        lambdas = torch.log(1 / times - 1)
+        x = times[0] * prior + (1 - times[0]) * anchors
+        history = [data_prediction(x, times[0], anchors)]
+        for k in range(1, steps + 1):
+            step_order = min(k, order)
+            t, s = times[k], times[k - 1]
+            h = lambdas[k] - lambdas[k - 1]
+            alpha_t, phi_1 = 1 - t, torch.expm1(-h)
+            new = (t / s) * x - alpha_t * phi_1 * history[-1]
+            if step_order >= 2:
+                r0 = (lambdas[k - 1] - lambdas[k - 2]) / h
+                d0 = (1 / r0) * (history[-1] - history[-2])
+            if step_order == 2:
+                new = new - 0.5 * alpha_t * phi_1 * d0
+            if step_order == 3:
+                r1 = (lambdas[k - 2] - lambdas[k - 3]) / h
+                d1 = (1 / r1) * (history[-2] - history[-3])
+                e1 = d0 + (r0 / (r0 + r1)) * (d0 - d1)
+                e2 = (1 / (r0 + r1)) * (d0 - d1)
+                phi_2 = phi_1 / h + 1
+                phi_3 = phi_2 / h - 0.5
+                new = new + alpha_t * phi_2 * e1 - alpha_t * phi_3 * e2
+            x = new
+            if k < steps:
+                history = (history + [data_prediction(x, t, anchors)])[-3:]
+        return x
+
+    def euler_reverse(latents, anchors, steps):
+        t = torch.tensor(1.0, dtype=f32)
+        h = torch.tensor(1.0 / steps, dtype=f32)
+        x, probs = latents, []
+        for _ in range(steps):
+            v, pdf = velocity(x, t, anchors)
+            probs.append(pdf / pdf.sum(1, keepdim=True))
+            x = x - h * v
+            t = t - h
+        return x, torch.stack(probs)
+
+    prior, weights, latents = (torch.tensor(case[k], dtype=f32) for k in ("prior", "weights", "latents"))
+    results = {}
+    for name, flow in (("euler", euler_forward), ("dpm", dpm_forward)):
+        anchors = torch.tensor(case["anchors"], dtype=f32, requires_grad=True)
+        out = flow(anchors, prior, 20)
+        (out * weights).sum().backward()
+        results[f"{name}_latents"], results[f"{name}_grad"] = out.detach(), anchors.grad
+    with torch.no_grad():
+        endpoints, probs = euler_reverse(latents, torch.tensor(case["anchors"], dtype=f32), 100)
+    results["reverse_endpoints"], results["reverse_probs"] = endpoints, probs
+    return {k: v.double().numpy() for k, v in results.items()}
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+
+
+def relative_error(value: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.max(np.abs(value - exact)) / np.max(np.abs(exact)))
+
+
+def child(mode: str, case_path: str, out_path: str) -> None:
+    case = dict(np.load(case_path))
+    if mode == "reference":
+        results = run_reference(case)
+    else:
+        if mode == "float64":
+            import jax
+
+            jax.config.update("jax_enable_x64", True)
+        results = run_ours(case, mode)
+    np.savez(out_path, **results)
+
+
+def run_child(python: str, mode: str, case: dict[str, np.ndarray], workdir: str) -> dict[str, np.ndarray]:
+    case_path, out_path = os.path.join(workdir, "case.npz"), os.path.join(workdir, f"{mode}.npz")
+    np.savez(case_path, **case)
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    subprocess.run([python, __file__, "--child", mode, case_path, out_path], check=True, env=env)
+    return dict(np.load(out_path))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--torch-python", help="a Python with CPU torch for the reference column")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--dim", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    cases = [("scale 1", 1.0, False), ("scale 5", 5.0, False), ("near-dup, scale 5", 5.0, True)]
+    print(f"float32 accuracy: N = B = {args.size}, D = {args.dim}; max |x - x64| / max |x64|, worst of seeds "
+          f"{args.seeds}")
+    print(f"{'case':<18} {'output':<18} | {'reference':>9} {'ours':>9} | {'ref/ours':>8}")
+    print("-" * 72)
+    for label, scale, near in cases:
+        worst = {name: [0.0, 0.0] for name in OUTPUTS}
+        for seed in args.seeds:
+            case = make_case(seed, args.size, args.dim, scale, near)
+            with tempfile.TemporaryDirectory() as workdir:
+                exact = run_child(sys.executable, "float64", case, workdir)
+                ours = run_child(sys.executable, "float32", case, workdir)
+                reference = run_child(args.torch_python, "reference", case, workdir) if args.torch_python else None
+            for name in OUTPUTS:
+                worst[name][1] = max(worst[name][1], relative_error(ours[name], exact[name]))
+                if reference is not None:
+                    worst[name][0] = max(worst[name][0], relative_error(reference[name], exact[name]))
+        for name in OUTPUTS:
+            ref, own = worst[name]
+            ref_text = f"{ref:9.2e}" if args.torch_python else f"{'-':>9}"
+            ratio = f"{ref / own:7.2f}x" if args.torch_python and own > 0 else f"{'-':>8}"
+            print(f"{label:<18} {name:<18} | {ref_text} {own:9.2e} | {ratio}")
+
+
+if __name__ == "__main__":
+    main()

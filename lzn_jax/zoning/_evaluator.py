@@ -1,0 +1,145 @@
+"""The per-step model evaluation shared by the Euler and DPM-Solver++ flows, and the rematerialisation plan.
+
+Both solvers carry their state relative to a per-row origin: the row's own anchor (its pivot) in the forward
+flow, zero in the reverse flow. The evaluation returns the posterior mean in the same coordinates (the data
+prediction ``D``), so ``state - D`` is ``x - mean`` formed without cancellation. It also returns what a reverse
+flow records: nothing, the full ``(B, N)`` log posterior, or each row's target entry ``(B,)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lzn_jax.zoning import _blockwise, _dense
+from lzn_jax.zoning._varying import match_varying_axes
+from lzn_jax.zoning.options import SolverOptions
+from lzn_jax.zoning.velocity import TimeCoefficients, cast_coefficients, uniform_log_weights
+
+_LOG = logging.getLogger("lzn_jax.zoning")
+
+RECORD_NOTHING, RECORD_ALL, RECORD_TARGETS = "nothing", "all", "targets"
+
+
+class RematPlan(NamedTuple):
+    """Whether a flow rematerialises each step's posterior evaluation, and why.
+
+    Attributes:
+      rematerialise: True when the backward pass recomputes each step's logits instead of keeping them.
+      kept_bytes: per-device bytes the kept posteriors would take (steps * B * (N + 2 D) * itemsize).
+      budget_bytes: the options' memory budget.
+      reason: one line for the log.
+    """
+
+    rematerialise: bool
+    kept_bytes: int
+    budget_bytes: int
+    reason: str
+
+
+def remat_plan(options: SolverOptions, *, batch: int, num_anchors: int, dim: int, dtype=jnp.float32) -> RematPlan:
+    """The rematerialisation decision of a flow with these options and per-device shapes.
+
+    Args:
+      batch: rows per device (B); num_anchors: context anchors (N); dim: latent dimension (D).
+    """
+    kept = options.num_steps * batch * (num_anchors + 2 * dim) * jnp.dtype(dtype).itemsize
+    budget = options.memory_budget_bytes
+    if options.block_size is not None:
+        return RematPlan(False, kept, budget, "blockwise kernel: keeps O(B * D) residuals and recomputes its "
+                                              "blocks in its own backward pass")
+    if options.remat == "always":
+        return RematPlan(True, kept, budget, 'remat="always"')
+    if options.remat == "never":
+        return RematPlan(False, kept, budget, 'remat="never"')
+    if kept <= budget:
+        return RematPlan(False, kept, budget, f"kept posteriors ({kept / 2**30:.2f} GiB) fit the budget "
+                                              f"({budget / 2**30:.2f} GiB)")
+    return RematPlan(True, kept, budget, f"kept posteriors ({kept / 2**30:.2f} GiB) exceed the budget "
+                                         f"({budget / 2**30:.2f} GiB)")
+
+
+class Origin(NamedTuple):
+    """Per-row pivots (B, D) and their exact squared distances to every context anchor (B, N)."""
+
+    pivots: jax.Array
+    squared_distances: jax.Array
+
+
+def pivot_origin(pivots: jax.Array, context: jax.Array) -> Origin:
+    """The origin of rows whose own anchors are ``pivots`` (B, D), against ``context`` (N, D)."""
+    # Inside shard_map a replicated context (e.g. label anchors) must vary like the rows before the custom VJP.
+    return Origin(pivots, _dense.pivot_squared_distances(*match_varying_axes(pivots, context)))
+
+
+Evaluate = Callable[[jax.Array, TimeCoefficients], tuple[jax.Array, jax.Array | None]]
+
+
+def make_evaluator(
+    context: jax.Array,
+    options: SolverOptions,
+    *,
+    batch: int,
+    origin: Origin | None = None,
+    log_weights: jax.Array | None = None,
+    targets: jax.Array | None = None,
+    record: str = RECORD_NOTHING,
+    log: bool = True,
+) -> Evaluate:
+    """The per-step evaluation of a flow, rematerialised as :func:`remat_plan` says (and logged once per trace).
+
+    Args:
+      context: (N, D) anchors; batch: rows (B); origin: the rows' pivots (forward flows) or None (origin 0);
+      log_weights: (N,) or None; targets: (B,) int, needed to record ``RECORD_TARGETS``; log: whether to log
+      the rematerialisation decision (once per flow).
+    Returns:
+      ``evaluate(state (B, D), coefficients) -> (data_prediction (B, D), recorded)``, where state and data
+      prediction are relative to the origin and ``recorded`` is None, (B, N) or (B,) as ``record`` says.
+    """
+    dtype = context.dtype
+    num_anchors = context.shape[0]
+    log_weights = uniform_log_weights(log_weights, num_anchors, dtype)
+    block_size = options.block_size
+
+    def evaluate(state, coefficients):
+        scales = cast_coefficients(coefficients, dtype)
+        if block_size is not None:
+            x = state if origin is None else state + origin.pivots
+            operands = match_varying_axes(x, context, log_weights, scales.time, scales.distance_scale)
+            mean, log_normaliser = _blockwise.blockwise_posterior(*operands, int(block_size))
+            recorded = None
+            if record == RECORD_TARGETS:
+                recorded = _blockwise.target_log_probs(
+                    x, context[targets], log_weights[targets], scales.time, scales.distance_scale, log_normaliser
+                )
+            return (mean if origin is None else mean - origin.pivots), recorded
+        if origin is None:
+            operands = match_varying_axes(state, context, _dense.squared_norms(context), log_weights,
+                                          scales.inner_scale, scales.norm_scale)
+            prediction, log_probs = _dense.dense_posterior(*operands)
+        else:
+            # The offset x - (1 - t) r is state + t r: formed before any product, it keeps its own precision.
+            query = state + scales.time * origin.pivots
+            operands = match_varying_axes(query, context, origin.pivots, origin.squared_distances, log_weights,
+                                          scales.inner_scale, scales.norm_scale)
+            prediction, log_probs = _dense.dense_pivot_posterior(*operands)
+        if record == RECORD_ALL:
+            return prediction, log_probs
+        if record == RECORD_TARGETS:
+            return prediction, jnp.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0]
+        return prediction, None
+
+    plan = remat_plan(options, batch=batch, num_anchors=num_anchors, dim=context.shape[1], dtype=dtype)
+    if log:
+        _LOG.info("zoning %s flow, %d steps, B=%d, N=%d: %s", options.solver, options.num_steps, batch, num_anchors,
+                  ("rematerialising each step" if plan.rematerialise else "keeping each step's posterior")
+                  + f" ({plan.reason})")
+    if plan.rematerialise:
+        # Only the evaluation: the solver updates around it are linear in the kept states, so each step then
+        # keeps just the point it evaluated at, (B, D).
+        return jax.checkpoint(evaluate, policy=jax.checkpoint_policies.nothing_saveable)
+    return evaluate

@@ -1,0 +1,297 @@
+"""The public operations of the latent zoning solver: ``compute_latents``, ``assign`` and ``assign_targets``.
+
+Code time: anchors at t = 0, the Gaussian at t = 1. Every function is differentiable with respect to anchors,
+context and latents, composes under ``jit``, ``grad`` and ``shard_map``, and compiles once per shape and options
+when called eagerly (the numerical core is jitted with the options as a static argument). Checks of values
+(weights, targets) run only on concrete inputs, with an explicit transfer, so the solver runs under
+``jax.transfer_guard("disallow")``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from lzn_jax.zoning import _evaluator
+from lzn_jax.zoning import dpm_solver as dpm_lib
+from lzn_jax.zoning import euler as euler_lib
+from lzn_jax.zoning.options import FORWARD_DEFAULTS, REVERSE_DEFAULTS, SolverOptions, resolve_options
+from lzn_jax.zoning.velocity import solver_dtype
+
+
+class Assignment(NamedTuple):
+    """Result of :func:`assign`: end points (B, D) of the reverse flow and the (S, B, N) log posteriors, entry
+    k taken before the k-th update (for Euler entry 0, at t = 1, equals the normalised log weights)."""
+
+    endpoints: jax.Array
+    log_probs: jax.Array
+
+
+class TargetAssignment(NamedTuple):
+    """Result of :func:`assign_targets`: end points (B, D) and each row's target log posterior (S, B)."""
+
+    endpoints: jax.Array
+    target_log_probs: jax.Array
+
+
+# --------------------------------------------------------------------------------------------------- checks
+
+
+def _check_matrix(name: str, array, dim: int | None = None, rows: int | None = None) -> None:
+    shape = np.shape(array)
+    if len(shape) != 2:
+        raise ValueError(f"{name} must be a 2-D (rows, latent_dim) array, got shape {shape}")
+    if dim is not None and shape[1] != dim:
+        raise ValueError(f"{name} has latent dimension {shape[1]}, expected {dim} (shape {shape})")
+    if rows is not None and shape[0] != rows:
+        raise ValueError(f"{name} has {shape[0]} rows, expected {rows} (shape {shape})")
+
+
+def _concrete(array) -> np.ndarray | None:
+    """The values of a concrete array, fetched explicitly; None for a tracer (checked by the caller's data)."""
+    if isinstance(array, jax.core.Tracer):
+        return None
+    return np.asarray(jax.device_get(array))
+
+
+def log_weights_from_weights(weights) -> jax.Array:
+    """Converts strictly positive mixture weights (N,) to log-weights.
+
+    A weight of zero cannot be told apart from an underflow here; exclude an anchor explicitly with a
+    log-weight of ``-inf`` instead.
+    """
+    values = _concrete(weights)
+    if values is not None and not np.all(values > 0):
+        raise ValueError("weights must be strictly positive; got a value <= 0 (or NaN). Pass log_weights instead, "
+                         "with -inf for anchors that must get zero weight.")
+    return jax.numpy.log(weights)
+
+
+def _check_log_weights(log_weights, num_anchors: int) -> None:
+    if log_weights is None:
+        return
+    if np.shape(log_weights) != (num_anchors,):
+        raise ValueError(f"log_weights must have shape ({num_anchors},) (one per context anchor), "
+                         f"got {np.shape(log_weights)}")
+    values = _concrete(log_weights)
+    if values is not None and (np.any(np.isnan(values)) or np.any(values == np.inf) or np.all(values == -np.inf)):
+        raise ValueError("log_weights must be finite or -inf, with at least one finite entry; got NaN, +inf or "
+                         "all -inf")
+
+
+def _check_targets(targets, rows: int, num_anchors: int) -> None:
+    dtype = targets.dtype if hasattr(targets, "dtype") else np.asarray(targets).dtype
+    if np.shape(targets) != (rows,) or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"targets must be ({rows},) integers, got shape {np.shape(targets)} and dtype {dtype}")
+    values = _concrete(targets)
+    if values is not None and (np.any(values < 0) or np.any(values >= num_anchors)):
+        raise ValueError(f"targets must index the {num_anchors} context anchors, i.e. lie in [0, {num_anchors}); "
+                         f"got values from {values.min()} to {values.max()}")
+
+
+# ---------------------------------------------------------------------------------------------- forward flow
+
+
+def forward_start(anchors: jax.Array, noise: jax.Array, eps: float) -> jax.Array:
+    """(B, D) start of the forward flow at t = eps, relative to the own anchor: ``eps * (noise - anchors)``.
+
+    The absolute start point is ``eps * noise + (1 - eps) * anchors``; its offset from the anchor is formed
+    directly, so it keeps full relative precision however small eps is. Its derivative is that of the absolute
+    start point (``1 - eps`` with respect to the anchors), as the pivot the offset is taken from is a constant.
+    """
+    return eps * (noise - anchors) + (anchors - jax.lax.stop_gradient(anchors))
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _compute_latents(anchors, noise, context, options: SolverOptions):
+    dtype = solver_dtype(anchors, noise, context)
+    anchors, noise, context = anchors.astype(dtype), noise.astype(dtype), context.astype(dtype)
+    eps = options.start_offset
+    # The flow's state is measured from each row's own anchor (docs/numerics.md, "Logits measured from a pivot
+    # point"). The posterior does not depend on the choice of pivots, so they are constants for
+    # differentiation: gradients then take the same paths as in absolute coordinates, and the large
+    # pivot terms of each step never have to cancel in the backward pass.
+    pivots = jax.lax.stop_gradient(anchors)
+    if options.block_size is None:
+        origin = _evaluator.pivot_origin(pivots, context)
+    else:  # the blockwise kernel needs no pivot distances: its logits come from exact differences
+        origin = _evaluator.Origin(pivots, None)
+    evaluate = _evaluator.make_evaluator(context, options, batch=anchors.shape[0], origin=origin)
+    start = forward_start(anchors, noise, eps)
+    if options.solver == "euler":
+        times, step = euler_lib.forward_grid(options.num_steps, eps)
+        offsets, _ = euler_lib.euler_flow(start, evaluate, times, step, reverse=False)
+    else:
+        times = dpm_lib.time_grid(options.num_steps, eps, reverse=False)
+        orders = dpm_lib.step_orders(options.num_steps, options.order, options.lower_order_final)
+        offsets, _ = dpm_lib.dpm_solver_flow(start, evaluate, times, orders)
+    return offsets + pivots
+
+
+def compute_latents(
+    anchors: jax.Array,
+    noise: jax.Array,
+    *,
+    context: jax.Array | None = None,
+    solver: str | None = None,
+    num_steps: int | None = None,
+    eps: float | None = None,
+    options: SolverOptions | None = None,
+) -> jax.Array:
+    """Latents of the given anchors: the forward latent flow from ``eps * noise + (1 - eps) * anchors``.
+
+    Args:
+      anchors: (B, D) the own samples' anchors (any float dtype; computed in float32, or float64 under x64).
+      noise: (B, D) prior draw already scaled by the prior scale alpha (0 gives zone centres).
+      context: (N, D) all anchors that define the zones; default ``anchors``.
+      solver, num_steps, eps: override the fields of ``options`` (defaults: DPM-Solver++, 20 steps, eps 1e-3;
+        Euler's default eps is 1e-4). Euler runs t: eps -> 1, DPM-Solver++ t: eps -> 1 - eps.
+      options: a :class:`SolverOptions` (kernel, rematerialisation, DPM order ...).
+    Returns:
+      (B, D) latents, float32 (float64 under x64 with float64 inputs).
+    """
+    options = resolve_options(options, FORWARD_DEFAULTS, solver=solver, num_steps=num_steps, eps=eps)
+    context = anchors if context is None else context
+    _check_matrix("anchors", anchors)
+    _check_matrix("noise", noise, dim=np.shape(anchors)[1], rows=np.shape(anchors)[0])
+    _check_matrix("context", context, dim=np.shape(anchors)[1])
+    return _compute_latents(anchors, noise, context, options)
+
+
+# ---------------------------------------------------------------------------------------------- reverse flow
+
+
+# Times at which the reverse Euler flow re-measures its state from a new pivot: the anchor its rows are then
+# closest to in posterior. Each costs one exact (B, N, D) distance pass; see docs/numerics.md, "Logits measured
+# from a pivot point".
+REPIVOT_TIMES = (0.5, 0.1)
+
+
+def _segments(times: np.ndarray) -> list[tuple[int, int]]:
+    """Step ranges of the reverse Euler flow between re-pivots (the first one measured from the origin)."""
+    starts = sorted({int(np.argmax(times <= t)) for t in REPIVOT_TIMES if np.any(times <= t)} - {0})
+    bounds = [0, *starts, len(times)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _nearest_anchor_pivots(x, context, log_weights, time: float) -> jax.Array:
+    """(B, D) each row's most probable anchor at ``time``: a pivot close to where the row is heading."""
+    from lzn_jax.zoning.velocity import posterior, time_coefficients
+
+    _, log_probs = posterior(jax.lax.stop_gradient(x), jax.lax.stop_gradient(context), time_coefficients(time),
+                             log_weights=None if log_weights is None else jax.lax.stop_gradient(log_weights))
+    return jax.lax.stop_gradient(context)[jax.numpy.argmax(log_probs, axis=-1)]
+
+
+def _euler_reverse(latents, context, log_weights, targets, options: SolverOptions, record: str):
+    """Reverse Euler flow in segments, each measured from fresh pivots (the posterior does not depend on the
+    pivots, so they are constants for differentiation)."""
+    times, step = euler_lib.reverse_grid(options.num_steps)
+    x, pivots, recorded = latents, None, []
+    for start, end in _segments(times):
+        if start > 0:
+            absolute = x if pivots is None else x + pivots
+            pivots = _nearest_anchor_pivots(absolute, context, log_weights, times[start])
+            x = absolute - pivots
+        origin = None if pivots is None else _evaluator.pivot_origin(pivots, context)
+        evaluate = _evaluator.make_evaluator(context, options, batch=latents.shape[0], origin=origin,
+                                             log_weights=log_weights, targets=targets, record=record,
+                                             log=start == 0)
+        x, part = euler_lib.euler_flow(x, evaluate, times[start:end], step, reverse=True)
+        recorded.append(part)
+    endpoints = x if pivots is None else x + pivots
+    return endpoints, jax.numpy.concatenate(recorded, axis=0)
+
+
+def _reverse_flow(latents, context, log_weights, targets, options: SolverOptions, record: str):
+    dtype = solver_dtype(latents, context, log_weights)
+    latents, context = latents.astype(dtype), context.astype(dtype)
+    if options.solver == "euler" and options.block_size is None:
+        return _euler_reverse(latents, context, log_weights, targets, options, record)
+    evaluate = _evaluator.make_evaluator(context, options, batch=latents.shape[0], log_weights=log_weights,
+                                         targets=targets, record=record)
+    if options.solver == "euler":
+        times, step = euler_lib.reverse_grid(options.num_steps)
+        return euler_lib.euler_flow(latents, evaluate, times, step, reverse=True)
+    times = dpm_lib.time_grid(options.num_steps, options.start_offset, reverse=True)
+    orders = dpm_lib.step_orders(options.num_steps, options.order, options.lower_order_final)
+    return dpm_lib.dpm_solver_flow(latents, evaluate, times, orders)
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _assign(latents, context, log_weights, options: SolverOptions) -> Assignment:
+    return Assignment(*_reverse_flow(latents, context, log_weights, None, options, _evaluator.RECORD_ALL))
+
+
+@functools.partial(jax.jit, static_argnames=("options",))
+def _assign_targets(latents, context, targets, log_weights, options: SolverOptions) -> TargetAssignment:
+    return TargetAssignment(*_reverse_flow(latents, context, log_weights, targets, options,
+                                           _evaluator.RECORD_TARGETS))
+
+
+def _reverse_options(options, solver, num_steps, eps) -> SolverOptions:
+    return resolve_options(options, REVERSE_DEFAULTS, solver=solver, num_steps=num_steps, eps=eps)
+
+
+def assign(
+    latents: jax.Array,
+    context: jax.Array,
+    *,
+    log_weights: jax.Array | None = None,
+    solver: str | None = None,
+    num_steps: int | None = None,
+    eps: float | None = None,
+    options: SolverOptions | None = None,
+) -> Assignment:
+    """Reverse latent flow: carries latents back to the anchors and records the soft zone assignment.
+
+    Args:
+      latents: (B, D) points at the Gaussian end.
+      context: (N, D) anchors whose zones are queried.
+      log_weights: (N,) log mixture weights inside the log-sum-exp (``-inf`` = weight zero); None = uniform.
+        From positive weights: :func:`log_weights_from_weights`.
+      solver, num_steps, eps: override the fields of ``options`` (defaults: Euler, 100 steps, t: 1 -> 0 with
+        no eps; DPM-Solver++ runs t: 1 - eps -> eps).
+      options: a :class:`SolverOptions`. The blockwise kernel needs :func:`assign_targets` instead.
+    Returns:
+      ``Assignment(endpoints (B, D), log_probs (S, B, N))``.
+    """
+    options = _reverse_options(options, solver, num_steps, eps)
+    if options.block_size is not None:
+        raise ValueError("assign records the full (B, N) posterior, which the blockwise kernel avoids; use "
+                         "assign_targets (or block_size=None)")
+    _check_matrix("latents", latents)
+    _check_matrix("context", context, dim=np.shape(latents)[1])
+    _check_log_weights(log_weights, np.shape(context)[0])
+    return _assign(latents, context, log_weights, options)
+
+
+def assign_targets(
+    latents: jax.Array,
+    context: jax.Array,
+    targets: jax.Array,
+    *,
+    log_weights: jax.Array | None = None,
+    solver: str | None = None,
+    num_steps: int | None = None,
+    eps: float | None = None,
+    options: SolverOptions | None = None,
+) -> TargetAssignment:
+    """Reverse latent flow that records only each row's target anchor: all an alignment loss needs.
+
+    Memory O(S * B) instead of O(S * B * N); the only form the blockwise kernel supports.
+
+    Args:
+      targets: (B,) int index of each row's target anchor in ``context``; the rest as in :func:`assign`.
+    Returns:
+      ``TargetAssignment(endpoints (B, D), target_log_probs (S, B))``.
+    """
+    options = _reverse_options(options, solver, num_steps, eps)
+    _check_matrix("latents", latents)
+    _check_matrix("context", context, dim=np.shape(latents)[1])
+    _check_log_weights(log_weights, np.shape(context)[0])
+    _check_targets(targets, np.shape(latents)[0], np.shape(context)[0])
+    return _assign_targets(latents, context, targets, log_weights, options)
