@@ -56,7 +56,7 @@ TORCH_SCRIPT = REPO / "benchmarks" / "zoning_torch_reference.py"
 
 
 def broadcast_forward_jax(anchors, prior, solver, steps):
-    """The reference's broadcast formulation in JAX (SPEC.md §1.2), checkpointed per velocity evaluation."""
+    """The reference's broadcast formulation in JAX (docs/method.md), checkpointed per velocity evaluation."""
     import jax
     import jax.numpy as jnp
     import numpy as np

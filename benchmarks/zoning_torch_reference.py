@@ -3,7 +3,7 @@
 Runs under a separate Python with CPU torch (``--torch-python`` of benchmarks/zoning.py); it imports nothing
 from lzn_jax. Two formulations of the same posterior velocity share the same flows and time grids:
 
-  broadcast  the reference's formulation (SPEC.md §1.2-1.6): implied noises (B, N, D), max-shifted pdfs,
+  broadcast  the reference's formulation (docs/method.md): implied noises (B, N, D), max-shifted pdfs,
              weighted sums. Each velocity evaluation is checkpointed (non-reentrant), as the reference does for
              Euler; its DPM-Solver path keeps every step instead, which at these sizes does not fit in 24 GB, so
              it is checkpointed here too.

@@ -13,6 +13,9 @@ Two variants share the backward pass:
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -71,29 +74,102 @@ def _input_cotangents(query, context, offsets, probs, inner_scale, norm_scale, g
 # ------------------------------------------------------------------------------------------------ from origin
 
 
-@jax.custom_vjp
-def dense_posterior(query, context, offsets, log_weights, inner_scale, norm_scale):
-    """``(mean (B, D), log_probs (B, N))`` of the posterior at one time.
+# Candidates per row whose logits are recomputed from exact differences (see _refine_leading_logits).
+REFINED_CANDIDATES = 8
+
+
+def _refine_leading_logits(logits, context, log_weights, inner_scale, time, best_offset, candidates: int):
+    """Row-shifted logits with each row's leading candidates recomputed from differences of anchors.
+
+    The expansion's logits carry errors of size ``|x| |a| / t^2`` times the rounding unit, and so does their
+    float32 representation when they are large. That decides little between far-apart anchors but much between
+    nearby ones, whose logits differ by less. Each row is shifted so that its best candidate ``a_b`` sits at zero,
+    and the few anchors that hold its mass get the exact identity
+
+        logit_j - logit_b = (l_j - l_b) - (1 - t) / t^2 <a_b - a_j, o_b + (1 - t) (a_b - a_j) / 2>,
+
+    with ``o_b = x - (1 - t) a_b``: a product of the small difference of two anchors, formed first, and a
+    vector of the size of the row's offset. The others, whose probabilities are negligible, keep the expansion.
+
+    Args:
+      logits: (B, N) expansion logits; best_offset: ``best anchors (B, D) -> o_b (B, D)``.
+    """
+    candidates = min(candidates, logits.shape[1])
+    _, index = jax.lax.top_k(jax.lax.stop_gradient(logits), candidates)  # (B, k), best first
+    best = context[index[:, 0]]
+    gaps = best[:, None, :] - context[index]  # (B, k, D) a_b - a_j
+    middle = best_offset(best)[:, None, :] + (0.5 * (1.0 - time)) * gaps
+    weights = log_weights[index]
+    # A candidate of weight zero keeps its -inf; the best candidate never has one while any weight is positive.
+    refined = (weights - weights[:, :1]) - inner_scale * jnp.sum(gaps * middle, axis=-1)
+    shifted = logits - jnp.take_along_axis(logits, index[:, :1], axis=1)
+    return shifted.at[_rows(index), index].set(refined), Candidates(index, best, gaps)
+
+
+class Candidates(NamedTuple):
+    """Each row's leading anchors: indices (B, k), best first; the best anchor (B, D); gaps a_b - a_j (B, k, D)."""
+
+    index: jax.Array
+    best: jax.Array
+    gaps: jax.Array
+
+
+def _rows(index):
+    return jnp.arange(index.shape[0])[:, None]
+
+
+def _mean_from_best(probs, context, candidates: Candidates):
+    """``sum_j p_j (a_j - a_b)`` (B, D): the leading candidates' share from their exact gaps, the rest (with
+    negligible mass) from a matmul; no anchor-sized product cancels."""
+    leading = jnp.take_along_axis(probs, candidates.index, axis=1)
+    rest = probs.at[_rows(candidates.index), candidates.index].set(0.0)
+    rest_share = (jnp.matmul(rest, context, precision=HIGHEST)
+                  - jnp.sum(rest, axis=-1, keepdims=True) * candidates.best)
+    return rest_share - jnp.einsum("bk,bkd->bd", leading, candidates.gaps, precision=HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def dense_posterior(query, context, offsets, log_weights, inner_scale, norm_scale, time, distance_scale,
+                    refine: bool):
+    """``(mean (B, D), log_probs (B, N), residual (B, D))`` of the posterior at one time; ``residual = x - mean``.
 
     Args:
       query: (B, D) the points x; context: (N, D) anchors; offsets: (N,) their squared norms;
-      log_weights: (N,); inner_scale, norm_scale: scalars of :class:`velocity.TimeCoefficients`.
+      log_weights: (N,); inner_scale, norm_scale, time, distance_scale: scalars of
+      :class:`velocity.TimeCoefficients`; refine: recompute each row's leading logits from exact differences
+      (:func:`_refine_leading_logits`) and form the mean and ``x - mean`` from each row's best anchor, as
+      ``(x - a_b) - sum_j p_j (a_j - a_b)``, so that neither is the difference of anchor-sized numbers. The
+      backward pass is the expansion's either way: the two agree in exact arithmetic, and its errors are
+      relative to the cotangents.
     """
-    log_probs = _log_posterior(query, context, offsets, log_weights, inner_scale, norm_scale)
-    return jnp.matmul(jnp.exp(log_probs), context, precision=HIGHEST), log_probs
+    logits = _logits(query, context, offsets, log_weights, inner_scale, norm_scale)
+    if not refine:
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        mean = jnp.matmul(jnp.exp(log_probs), context, precision=HIGHEST)
+        return mean, log_probs, query - mean
+    logits, candidates = _refine_leading_logits(logits, context, log_weights, inner_scale, time,
+                                                lambda best: offset_from(query, best, time), REFINED_CANDIDATES)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    mean_from_best = _mean_from_best(jnp.exp(log_probs), context, candidates)
+    return candidates.best + mean_from_best, log_probs, (query - candidates.best) - mean_from_best
 
 
-def _dense_posterior_fwd(query, context, offsets, log_weights, inner_scale, norm_scale):
-    mean, log_probs = dense_posterior(query, context, offsets, log_weights, inner_scale, norm_scale)
-    return (mean, log_probs), (query, context, offsets, jnp.exp(log_probs), inner_scale, norm_scale)
+def _dense_posterior_fwd(query, context, offsets, log_weights, inner_scale, norm_scale, time, distance_scale,
+                         refine):
+    outputs = dense_posterior(query, context, offsets, log_weights, inner_scale, norm_scale, time,
+                              distance_scale, refine)
+    return outputs, (query, context, offsets, jnp.exp(outputs[1]), inner_scale, norm_scale)
 
 
-def _dense_posterior_bwd(residuals, cotangents):
+def _dense_posterior_bwd(refine, residuals, cotangents):
     query, context, offsets, probs, inner_scale, norm_scale = residuals
-    g_mean, g_log_probs = cotangents
-    grads = _input_cotangents(query, context, offsets, probs, inner_scale, norm_scale, g_mean, g_log_probs)
+    g_mean, g_log_probs, g_residual = cotangents
+    # residual = x - mean: its cotangent reaches the query directly and the mean with the opposite sign.
+    g_query, g_context, g_offsets, g_log_weights = _input_cotangents(
+        query, context, offsets, probs, inner_scale, norm_scale, g_mean - g_residual, g_log_probs)
     # The time grid is static and carries no gradient.
-    return (*grads, jnp.zeros_like(inner_scale), jnp.zeros_like(norm_scale))
+    zero = jnp.zeros_like(inner_scale)
+    return g_query + g_residual, g_context, g_offsets, g_log_weights, zero, zero, zero, zero
 
 
 dense_posterior.defvjp(_dense_posterior_fwd, _dense_posterior_bwd)
@@ -102,17 +178,24 @@ dense_posterior.defvjp(_dense_posterior_fwd, _dense_posterior_bwd)
 # ------------------------------------------------------------------------------------------------ from pivots
 
 
-@jax.custom_vjp
-def dense_pivot_posterior(query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def dense_pivot_posterior(query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale, time,
+                          distance_scale, refine: bool):
     """``(mean_offset (B, D), log_probs (B, N))``: the posterior mean relative to each row's pivot.
 
     Args:
       query: (B, D) ``x_b - (1 - t) r_b`` (:func:`offset_from`); context: (N, D); pivots: (B, D) the ``r_b``;
-      pivot_distances: (B, N) ``|a_j - r_b|^2`` from :func:`pivot_squared_distances`; log_weights: (N,).
+      pivot_distances: (B, N) ``|a_j - r_b|^2`` from :func:`pivot_squared_distances`; log_weights: (N,);
+      refine: recompute each row's leading logits from exact differences (:func:`_refine_leading_logits`).
     Returns:
       ``sum_j p_bj (a_j - r_b)`` and the normalised log posterior.
     """
-    log_probs = _log_posterior(query, context, pivot_distances, log_weights, inner_scale, norm_scale)
+    logits = _logits(query, context, pivot_distances, log_weights, inner_scale, norm_scale)
+    if refine:
+        # x - (1 - t) a_b = q + (1 - t) (r - a_b), with the pivot difference formed exactly first.
+        logits, _ = _refine_leading_logits(logits, context, log_weights, inner_scale, time,
+                                           lambda best: query + (1.0 - time) * (pivots - best), REFINED_CANDIDATES)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
     probs = jnp.exp(log_probs)
     # Anchors at distance zero from the pivot add exactly nothing to sum_j p_bj (a_j - r_b). Leaving them out
     # of both products below makes each product as small as the result, so neither cancels: the own anchor
@@ -122,13 +205,15 @@ def dense_pivot_posterior(query, context, pivots, pivot_distances, log_weights, 
     return mean_offset, log_probs
 
 
-def _dense_pivot_posterior_fwd(query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale):
-    outputs = dense_pivot_posterior(query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale)
+def _dense_pivot_posterior_fwd(query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale, time,
+                               distance_scale, refine):
+    outputs = dense_pivot_posterior(query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale,
+                                    time, distance_scale, refine)
     residuals = (query, context, pivots, pivot_distances, jnp.exp(outputs[1]), inner_scale, norm_scale)
     return outputs, residuals
 
 
-def _dense_pivot_posterior_bwd(residuals, cotangents):
+def _dense_pivot_posterior_bwd(refine, residuals, cotangents):
     query, context, pivots, pivot_distances, probs, inner_scale, norm_scale = residuals
     g_mean, g_log_probs = cotangents
     # The output is softmax @ context - pivots as a function of independent inputs (the masked terms are zero
@@ -143,8 +228,8 @@ def _dense_pivot_posterior_bwd(residuals, cotangents):
                              - jnp.sum(others, axis=-1, keepdims=True) * pivots)
     g_context = g_context + inner_scale * jnp.matmul(g_logits.T, query, precision=HIGHEST)
     g_log_weights = jnp.sum(g_logits, axis=0)
-    return (g_query, g_context, -g_mean, -norm_scale * g_logits, g_log_weights, jnp.zeros_like(inner_scale),
-            jnp.zeros_like(norm_scale))
+    zero = jnp.zeros_like(inner_scale)
+    return (g_query, g_context, -g_mean, -norm_scale * g_logits, g_log_weights, zero, zero, zero, zero)
 
 
 dense_pivot_posterior.defvjp(_dense_pivot_posterior_fwd, _dense_pivot_posterior_bwd)

@@ -2,7 +2,8 @@
 
 Both solvers carry their state relative to a per-row origin: the row's own anchor (its pivot) in the forward
 flow, zero in the reverse flow. The evaluation returns the posterior mean in the same coordinates (the data
-prediction ``D``), so ``state - D`` is ``x - mean`` formed without cancellation. It also returns what a reverse
+prediction ``D``) and the residual ``state - D = x - mean``, each formed without cancellation of anchor-sized
+numbers (docs/numerics.md, "Logits measured from a pivot point"). It also returns what a reverse
 flow records: nothing, the full ``(B, N)`` log posterior, or each row's target entry ``(B,)``.
 """
 
@@ -76,7 +77,16 @@ def pivot_origin(pivots: jax.Array, context: jax.Array) -> Origin:
     return Origin(pivots, _dense.pivot_squared_distances(*match_varying_axes(pivots, context)))
 
 
-Evaluate = Callable[[jax.Array, TimeCoefficients], tuple[jax.Array, jax.Array | None]]
+class Evaluation(NamedTuple):
+    """One step's model evaluation: data prediction D (B, D) and residual ``state - D`` (B, D), both relative to
+    the flow's origin, and what the step records (None, (B, N) or (B,))."""
+
+    prediction: jax.Array
+    residual: jax.Array
+    recorded: jax.Array | None
+
+
+Evaluate = Callable[[jax.Array, TimeCoefficients], Evaluation]
 
 
 def make_evaluator(
@@ -88,17 +98,18 @@ def make_evaluator(
     log_weights: jax.Array | None = None,
     targets: jax.Array | None = None,
     record: str = RECORD_NOTHING,
+    refine: bool = False,
     log: bool = True,
 ) -> Evaluate:
     """The per-step evaluation of a flow, rematerialised as :func:`remat_plan` says (and logged once per trace).
 
     Args:
       context: (N, D) anchors; batch: rows (B); origin: the rows' pivots (forward flows) or None (origin 0);
-      log_weights: (N,) or None; targets: (B,) int, needed to record ``RECORD_TARGETS``; log: whether to log
+      log_weights: (N,) or None; targets: (B,) int, needed to record ``RECORD_TARGETS``; refine: recompute
+      each row's leading logits from exact differences (``_dense._refine_leading_logits``); log: whether to log
       the rematerialisation decision (once per flow).
     Returns:
-      ``evaluate(state (B, D), coefficients) -> (data_prediction (B, D), recorded)``, where state and data
-      prediction are relative to the origin and ``recorded`` is None, (B, N) or (B,) as ``record`` says.
+      ``evaluate(state (B, D), coefficients) -> Evaluation``, relative to the origin.
     """
     dtype = context.dtype
     num_anchors = context.shape[0]
@@ -116,22 +127,24 @@ def make_evaluator(
                 recorded = _blockwise.target_log_probs(
                     x, context[targets], log_weights[targets], scales.time, scales.distance_scale, log_normaliser
                 )
-            return (mean if origin is None else mean - origin.pivots), recorded
+            prediction = mean if origin is None else mean - origin.pivots
+            return Evaluation(prediction, state - prediction, recorded)
         if origin is None:
             operands = match_varying_axes(state, context, _dense.squared_norms(context), log_weights,
-                                          scales.inner_scale, scales.norm_scale)
-            prediction, log_probs = _dense.dense_posterior(*operands)
+                                          scales.inner_scale, scales.norm_scale, scales.time, scales.distance_scale)
+            prediction, log_probs, residual = _dense.dense_posterior(*operands, refine)
         else:
             # The offset x - (1 - t) r is state + t r: formed before any product, it keeps its own precision.
             query = state + scales.time * origin.pivots
             operands = match_varying_axes(query, context, origin.pivots, origin.squared_distances, log_weights,
-                                          scales.inner_scale, scales.norm_scale)
-            prediction, log_probs = _dense.dense_pivot_posterior(*operands)
+                                          scales.inner_scale, scales.norm_scale, scales.time, scales.distance_scale)
+            prediction, log_probs = _dense.dense_pivot_posterior(*operands, refine)
+            residual = state - prediction  # both small inside the own zone: no cancellation
         if record == RECORD_ALL:
-            return prediction, log_probs
+            return Evaluation(prediction, residual, log_probs)
         if record == RECORD_TARGETS:
-            return prediction, jnp.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0]
-        return prediction, None
+            return Evaluation(prediction, residual, jnp.take_along_axis(log_probs, targets[:, None], axis=1)[:, 0])
+        return Evaluation(prediction, residual, None)
 
     plan = remat_plan(options, batch=batch, num_anchors=num_anchors, dim=context.shape[1], dtype=dtype)
     if log:

@@ -97,10 +97,11 @@ def dpm_solver_flow(start: jax.Array, evaluate: Evaluate, times: np.ndarray, ord
         x, history = carry
         update, step_coefficients = per_step
         x = _apply_update(x, history, update)
-        prediction, recorded = evaluate(x, step_coefficients)
-        return (x, (prediction, history[0], history[1])), recorded
+        evaluation = evaluate(x, step_coefficients)
+        return (x, (evaluation.prediction, history[0], history[1])), evaluation.recorded
 
-    first_prediction, first_recorded = evaluate(start, jax.tree.map(lambda c: c[0], coefficients))
+    first = evaluate(start, jax.tree.map(lambda c: c[0], coefficients))
+    first_prediction, first_recorded = first.prediction, first.recorded
     zeros = jnp.zeros_like(start)  # unused history slots meet zero coefficients in the warm-up steps
     (x, history), recorded = jax.lax.scan(
         multistep, (start, (first_prediction, zeros, zeros)),

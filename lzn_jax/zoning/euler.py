@@ -33,18 +33,18 @@ def euler_flow(start: jax.Array, evaluate: Evaluate, times: np.ndarray, step: fl
     """Integrates ``dx/dt = (x - D(x, t)) / t`` with Euler steps at ``times`` (float64, host).
 
     Args:
-      start: (B, D) state at ``times[0]``; evaluate: the per-step evaluation (data prediction D, recorded);
+      start: (B, D) state at ``times[0]``; evaluate: the per-step evaluation (its residual x - D drives the step);
       step: the positive step size; reverse: integrate towards t = 0.
     Returns:
       ``(end (B, D), recorded stacked over the steps, or None)``; entry k is taken before the k-th update.
     """
     dtype = start.dtype
-    # x_next = x +- (h / t) (x - D): the difference is formed first, so no large multiple of x cancels.
+    # x_next = x +- (h / t) (x - D): the residual is formed first, so no large multiple of x cancels.
     scales = (-step if reverse else step) / times
 
     def euler_step(x, per_step):
         coefficients, scale = per_step
-        prediction, recorded = evaluate(x, coefficients)
-        return x + scale.astype(dtype) * (x - prediction), recorded
+        evaluation = evaluate(x, coefficients)
+        return x + scale.astype(dtype) * evaluation.residual, evaluation.recorded
 
     return jax.lax.scan(euler_step, start, (time_coefficients(times), jnp.asarray(scales)))

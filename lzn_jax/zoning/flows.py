@@ -13,6 +13,7 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lzn_jax.zoning import _evaluator
@@ -40,7 +41,7 @@ class TargetAssignment(NamedTuple):
 # --------------------------------------------------------------------------------------------------- checks
 
 
-def _check_matrix(name: str, array, dim: int | None = None, rows: int | None = None) -> None:
+def check_matrix(name: str, array, dim: int | None = None, rows: int | None = None) -> None:
     shape = np.shape(array)
     if len(shape) != 2:
         raise ValueError(f"{name} must be a 2-D (rows, latent_dim) array, got shape {shape}")
@@ -67,10 +68,10 @@ def log_weights_from_weights(weights) -> jax.Array:
     if values is not None and not np.all(values > 0):
         raise ValueError("weights must be strictly positive; got a value <= 0 (or NaN). Pass log_weights instead, "
                          "with -inf for anchors that must get zero weight.")
-    return jax.numpy.log(weights)
+    return jnp.log(weights)
 
 
-def _check_log_weights(log_weights, num_anchors: int) -> None:
+def check_log_weights(log_weights, num_anchors: int) -> None:
     if log_weights is None:
         return
     if np.shape(log_weights) != (num_anchors,):
@@ -82,7 +83,7 @@ def _check_log_weights(log_weights, num_anchors: int) -> None:
                          "all -inf")
 
 
-def _check_targets(targets, rows: int, num_anchors: int) -> None:
+def check_targets(targets, rows: int, num_anchors: int) -> None:
     dtype = targets.dtype if hasattr(targets, "dtype") else np.asarray(targets).dtype
     if np.shape(targets) != (rows,) or not np.issubdtype(dtype, np.integer):
         raise ValueError(f"targets must be ({rows},) integers, got shape {np.shape(targets)} and dtype {dtype}")
@@ -155,64 +156,22 @@ def compute_latents(
     """
     options = resolve_options(options, FORWARD_DEFAULTS, solver=solver, num_steps=num_steps, eps=eps)
     context = anchors if context is None else context
-    _check_matrix("anchors", anchors)
-    _check_matrix("noise", noise, dim=np.shape(anchors)[1], rows=np.shape(anchors)[0])
-    _check_matrix("context", context, dim=np.shape(anchors)[1])
+    check_matrix("anchors", anchors)
+    check_matrix("noise", noise, dim=np.shape(anchors)[1], rows=np.shape(anchors)[0])
+    check_matrix("context", context, dim=np.shape(anchors)[1])
     return _compute_latents(anchors, noise, context, options)
 
 
 # ---------------------------------------------------------------------------------------------- reverse flow
 
 
-# Times at which the reverse Euler flow re-measures its state from a new pivot: the anchor its rows are then
-# closest to in posterior. Each costs one exact (B, N, D) distance pass; see docs/numerics.md, "Logits measured
-# from a pivot point".
-REPIVOT_TIMES = (0.5, 0.1)
-
-
-def _segments(times: np.ndarray) -> list[tuple[int, int]]:
-    """Step ranges of the reverse Euler flow between re-pivots (the first one measured from the origin)."""
-    starts = sorted({int(np.argmax(times <= t)) for t in REPIVOT_TIMES if np.any(times <= t)} - {0})
-    bounds = [0, *starts, len(times)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _nearest_anchor_pivots(x, context, log_weights, time: float) -> jax.Array:
-    """(B, D) each row's most probable anchor at ``time``: a pivot close to where the row is heading."""
-    from lzn_jax.zoning.velocity import posterior, time_coefficients
-
-    _, log_probs = posterior(jax.lax.stop_gradient(x), jax.lax.stop_gradient(context), time_coefficients(time),
-                             log_weights=None if log_weights is None else jax.lax.stop_gradient(log_weights))
-    return jax.lax.stop_gradient(context)[jax.numpy.argmax(log_probs, axis=-1)]
-
-
-def _euler_reverse(latents, context, log_weights, targets, options: SolverOptions, record: str):
-    """Reverse Euler flow in segments, each measured from fresh pivots (the posterior does not depend on the
-    pivots, so they are constants for differentiation)."""
-    times, step = euler_lib.reverse_grid(options.num_steps)
-    x, pivots, recorded = latents, None, []
-    for start, end in _segments(times):
-        if start > 0:
-            absolute = x if pivots is None else x + pivots
-            pivots = _nearest_anchor_pivots(absolute, context, log_weights, times[start])
-            x = absolute - pivots
-        origin = None if pivots is None else _evaluator.pivot_origin(pivots, context)
-        evaluate = _evaluator.make_evaluator(context, options, batch=latents.shape[0], origin=origin,
-                                             log_weights=log_weights, targets=targets, record=record,
-                                             log=start == 0)
-        x, part = euler_lib.euler_flow(x, evaluate, times[start:end], step, reverse=True)
-        recorded.append(part)
-    endpoints = x if pivots is None else x + pivots
-    return endpoints, jax.numpy.concatenate(recorded, axis=0)
-
-
 def _reverse_flow(latents, context, log_weights, targets, options: SolverOptions, record: str):
     dtype = solver_dtype(latents, context, log_weights)
     latents, context = latents.astype(dtype), context.astype(dtype)
-    if options.solver == "euler" and options.block_size is None:
-        return _euler_reverse(latents, context, log_weights, targets, options, record)
+    # No pivot suits every row here: each row's leading logits, its mean and its residual are instead formed
+    # from its currently most probable anchor (docs/numerics.md, "Logits measured from a pivot point").
     evaluate = _evaluator.make_evaluator(context, options, batch=latents.shape[0], log_weights=log_weights,
-                                         targets=targets, record=record)
+                                         targets=targets, record=record, refine=True)
     if options.solver == "euler":
         times, step = euler_lib.reverse_grid(options.num_steps)
         return euler_lib.euler_flow(latents, evaluate, times, step, reverse=True)
@@ -263,9 +222,9 @@ def assign(
     if options.block_size is not None:
         raise ValueError("assign records the full (B, N) posterior, which the blockwise kernel avoids; use "
                          "assign_targets (or block_size=None)")
-    _check_matrix("latents", latents)
-    _check_matrix("context", context, dim=np.shape(latents)[1])
-    _check_log_weights(log_weights, np.shape(context)[0])
+    check_matrix("latents", latents)
+    check_matrix("context", context, dim=np.shape(latents)[1])
+    check_log_weights(log_weights, np.shape(context)[0])
     return _assign(latents, context, log_weights, options)
 
 
@@ -290,8 +249,8 @@ def assign_targets(
       ``TargetAssignment(endpoints (B, D), target_log_probs (S, B))``.
     """
     options = _reverse_options(options, solver, num_steps, eps)
-    _check_matrix("latents", latents)
-    _check_matrix("context", context, dim=np.shape(latents)[1])
-    _check_log_weights(log_weights, np.shape(context)[0])
-    _check_targets(targets, np.shape(latents)[0], np.shape(context)[0])
+    check_matrix("latents", latents)
+    check_matrix("context", context, dim=np.shape(latents)[1])
+    check_log_weights(log_weights, np.shape(context)[0])
+    check_targets(targets, np.shape(latents)[0], np.shape(context)[0])
     return _assign_targets(latents, context, targets, log_weights, options)

@@ -177,8 +177,8 @@ def compute_latents_sharded(anchors: jax.Array, noise: jax.Array, *, options: So
       (B_g, D) latents sharded by rows, equal to the unsharded ``compute_latents(anchors, noise)``.
     """
     options = resolve_options(options, FORWARD_DEFAULTS)
-    flows._check_matrix("anchors", anchors)
-    flows._check_matrix("noise", noise, dim=np.shape(anchors)[1], rows=np.shape(anchors)[0])
+    flows.check_matrix("anchors", anchors)
+    flows.check_matrix("noise", noise, dim=np.shape(anchors)[1], rows=np.shape(anchors)[0])
     _check_divisible("anchors", np.shape(anchors)[0], _resolve_mesh(mesh), axis_name)
     return _compute_latents_sharded(anchors, noise, options, mesh, _hashable(axis_name))
 
@@ -213,8 +213,8 @@ def _assign_sharded(latents, context, log_weights, targets, context_sharded, opt
 
 
 def _check_reverse(latents, context, context_sharded, mesh, axis_name) -> None:
-    flows._check_matrix("latents", latents)
-    flows._check_matrix("context", context, dim=np.shape(latents)[1])
+    flows.check_matrix("latents", latents)
+    flows.check_matrix("context", context, dim=np.shape(latents)[1])
     mesh = _resolve_mesh(mesh)
     _check_divisible("latents", np.shape(latents)[0], mesh, axis_name)
     if context_sharded:
@@ -236,7 +236,7 @@ def assign_sharded(latents: jax.Array, context: jax.Array, *, context_sharded: b
     """
     options = resolve_options(options, REVERSE_DEFAULTS)
     _check_reverse(latents, context, context_sharded, mesh, axis_name)
-    flows._check_log_weights(log_weights, np.shape(context)[0])
+    flows.check_log_weights(log_weights, np.shape(context)[0])
     return _assign_sharded(latents, context, log_weights, None, context_sharded, options, mesh,
                            _hashable(axis_name))
 
@@ -249,7 +249,7 @@ def assign_targets_sharded(latents: jax.Array, context: jax.Array, targets: jax.
     indices into ``context``. Returns ``TargetAssignment(endpoints (B_g, D), target_log_probs (S, B_g))``."""
     options = resolve_options(options, REVERSE_DEFAULTS)
     _check_reverse(latents, context, context_sharded, mesh, axis_name)
-    flows._check_log_weights(log_weights, np.shape(context)[0])
-    flows._check_targets(targets, np.shape(latents)[0], np.shape(context)[0])
+    flows.check_log_weights(log_weights, np.shape(context)[0])
+    flows.check_targets(targets, np.shape(latents)[0], np.shape(context)[0])
     return _assign_sharded(latents, context, log_weights, targets, context_sharded, options, mesh,
                            _hashable(axis_name))

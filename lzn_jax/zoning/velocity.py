@@ -98,9 +98,10 @@ def posterior(
     dtype = x.dtype
     scales = cast_coefficients(coefficients, dtype)
     log_weights = uniform_log_weights(log_weights, context.shape[0], dtype)
-    return _dense.dense_posterior(
-        x, context, _dense.squared_norms(context), log_weights, scales.inner_scale, scales.norm_scale
-    )
+    mean, log_probs, _ = _dense.dense_posterior(x, context, _dense.squared_norms(context), log_weights,
+                                                scales.inner_scale, scales.norm_scale, scales.time,
+                                                scales.distance_scale, True)
+    return mean, log_probs
 
 
 @functools.partial(jax.jit, static_argnames=("t",))
