@@ -293,3 +293,15 @@ def ncsnpp_decoder(p, x_t, t, latent, label_onehot, config, *, swap_skips=None):
             h = resnet_block_biggan(p[f"up_{level}_resample"], h, temb, resample="up", fir=fir)
     out = output_pyramid if config["progressive"] == "output_skip" else _output_conv(p, "out", h)
     return out / t_scaled[:, None, None, None] if config["scale_by_sigma"] else out
+
+
+def trace_model(config, image_size):
+    """``(output, params)`` of a model built from ``config`` in bfloat16, as shapes only (``jax.eval_shape``)."""
+    import jax
+
+    from lzn_jax import models
+
+    module = models.build(config, dtype="bfloat16")
+    inputs = models.example_inputs(config, 2, image_size)
+    output, variables = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), *inputs))
+    return output, variables["params"]

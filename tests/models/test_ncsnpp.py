@@ -75,10 +75,7 @@ def paper_model():
     @functools.cache
     def trace(name):
         config, image_size, _ = PAPER_MODELS[name]
-        module = models.build(config, dtype="bfloat16")
-        inputs = models.example_inputs(config, 2, image_size)
-        output, variables = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), *inputs))
-        return output, variables["params"]
+        return ref.trace_model(config, image_size)
 
     return trace
 

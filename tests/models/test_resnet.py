@@ -24,11 +24,7 @@ def resnet50():
 
     @functools.cache
     def trace(head_num_layers):
-        config = presets.resnet50_gn_config(head_num_layers=head_num_layers)
-        module = models.build(config, dtype="bfloat16")
-        inputs = models.example_inputs(config, 2, 224)
-        output, variables = jax.eval_shape(lambda: module.init_with_output(jax.random.key(0), *inputs))
-        return output, variables["params"]
+        return ref.trace_model(presets.resnet50_gn_config(head_num_layers=head_num_layers), 224)
 
     return trace
 
