@@ -1,37 +1,78 @@
-"""Entry point: ``python -m lzn_jax.main --config=configs/<setting>.py[:variant] [--config.key=value ...]``.
+"""Entry point: ``python -m lzn_jax.main --config=configs/<setting>.py[:variants] --workdir=DIR [--mode=train|eval]``.
 
-Parses the config, joins the JAX cluster when there is one (Cloud TPU pods, SLURM; nothing to pass on a single
-machine), and dispatches on ``config.experiment``. Everything it calls is importable from a notebook.
+Parses the config (``--config.key=value`` overrides), joins the JAX cluster when there is one (Cloud TPU pods,
+SLURM; nothing to do on one machine) and trains or evaluates. Everything it calls is importable from a notebook.
 """
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
-from absl import app
+from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 # The default works from any directory: it names the file in this repository, not a path relative to the cwd.
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "digits_zoning_demo.py"
+_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "digits_joint.py"
 _CONFIG = config_flags.DEFINE_config_file("config", str(_DEFAULT_CONFIG), "Experiment config file.",
                                           lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of checkpoints, logs, samples (created if missing; "
+                               "resumed if it holds a checkpoint). Default: workdirs/<config name> in the cwd.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (resuming), or evaluate the latest checkpoint.")
 
-EXPERIMENTS = ("zoning_demo",)
+MODES = ("train", "eval")
+
+
+def default_workdir(config_path: str) -> pathlib.Path:
+    """``workdirs/<config file stem>[_<variants>]`` under the current directory."""
+    path, _, variants = config_path.partition(":")
+    name = pathlib.Path(path).stem + ("_" + variants.replace(",", "_") if variants else "")
+    return pathlib.Path("workdirs") / name
+
+
+def _quiet_library_logs() -> None:
+    """One progress line per interval on the terminal: library INFO logs (clu, orbax, absl) stay out of it."""
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+
+
+def _enable_compilation_cache() -> None:
+    """Compiled steps are cached on disk (``$LZN_COMPILATION_CACHE``, default ``~/.cache/lzn_jax/xla``; set it to
+    an empty string to switch the cache off), so a resumed or repeated run skips the minute-long CPU compiles."""
+    import os
+
+    import jax
+
+    directory = os.environ.get("LZN_COMPILATION_CACHE", str(pathlib.Path.home() / ".cache" / "lzn_jax" / "xla"))
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _quiet_library_logs()
+    _enable_compilation_cache()
     from lzn_jax import parallel
 
     parallel.maybe_initialize()
     config = _CONFIG.value
-    if config.experiment == "zoning_demo":
+    workdir = pathlib.Path(_WORKDIR.value) if _WORKDIR.value else default_workdir(flags.FLAGS["config"].config_filename)
+    if config.get("experiment") == "zoning_demo":
         from lzn_jax.experiments import zoning_demo
 
         zoning_demo.run(config)
+        return
+    if _MODE.value == "train":
+        from lzn_jax.train import loop
+
+        loop.train(config, workdir)
     else:
-        raise ValueError(f"config.experiment={config.experiment!r} is not one of {EXPERIMENTS}")
+        from lzn_jax.train import evaluate
+
+        evaluate.evaluate(config, workdir)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -57,7 +59,8 @@ def _logit_cotangents(context, probs, g_mean, g_log_probs):
     # this form cancels exactly against g_probs; the shortcut leaves rounding noise that the 1/t^2 scale of the
     # logits then amplifies by up to 1e8.
     g_logits = probs * (g_probs - jnp.sum(probs * g_probs, axis=-1, keepdims=True))
-    g_logits = g_logits + g_log_probs - probs * jnp.sum(g_log_probs, axis=-1, keepdims=True)
+    if type(g_log_probs) is not SymbolicZero:  # a flow that records the posterior (the forward flows do not)
+        g_logits = g_logits + g_log_probs - probs * jnp.sum(g_log_probs, axis=-1, keepdims=True)
     return g_logits, jnp.matmul(probs.T, g_mean, precision=HIGHEST)
 
 
@@ -205,8 +208,10 @@ def dense_pivot_posterior(query, context, pivots, pivot_distances, log_weights, 
     return mean_offset, log_probs
 
 
-def _dense_pivot_posterior_fwd(query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale, time,
-                               distance_scale, refine):
+def _dense_pivot_posterior_fwd(*primals):
+    # With symbolic zeros (see defvjp below) the differentiable inputs arrive wrapped.
+    *primals, refine = [getattr(primal, "value", primal) for primal in primals]
+    query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale, time, distance_scale = primals
     outputs = dense_pivot_posterior(query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale,
                                     time, distance_scale, refine)
     residuals = (query, context, pivots, pivot_distances, jnp.exp(outputs[1]), inner_scale, norm_scale)
@@ -216,6 +221,8 @@ def _dense_pivot_posterior_fwd(query, context, pivots, pivot_distances, log_weig
 def _dense_pivot_posterior_bwd(refine, residuals, cotangents):
     query, context, pivots, pivot_distances, probs, inner_scale, norm_scale = residuals
     g_mean, g_log_probs = cotangents
+    if type(g_mean) is SymbolicZero:
+        g_mean = jnp.zeros(g_mean.shape, g_mean.dtype)
     # The output is softmax @ context - pivots as a function of independent inputs (the masked terms are zero
     # only where an anchor coincides with the pivot), so its cotangents are the origin kernel's plus -g for
     # the pivots; the pivots' per-row shift of g_probs cancels in the softmax backward.
@@ -232,7 +239,9 @@ def _dense_pivot_posterior_bwd(refine, residuals, cotangents):
     return (g_query, g_context, -g_mean, -norm_scale * g_logits, g_log_weights, zero, zero, zero, zero)
 
 
-dense_pivot_posterior.defvjp(_dense_pivot_posterior_fwd, _dense_pivot_posterior_bwd)
+# Symbolic zeros: the forward flows never use the log posterior, so its cotangent, a (B, N) array of zeros,
+# is neither formed nor read (in exact and in float arithmetic, adding it changes nothing).
+dense_pivot_posterior.defvjp(_dense_pivot_posterior_fwd, _dense_pivot_posterior_bwd, symbolic_zeros=True)
 
 
 # ------------------------------------------------------------------------------------ exact pivot distances
@@ -260,8 +269,12 @@ def _stack_blocks(per_block: jax.Array, batch: int, num_anchors: int) -> jax.Arr
     return jnp.moveaxis(per_block, 0, 1).reshape(batch, -1)[:, :num_anchors]
 
 
-@jax.custom_vjp
-def pivot_squared_distances(pivots: jax.Array, context: jax.Array) -> jax.Array:
+# Rows and columns of the square blocks of pivot_squared_distances when the pivots are the context.
+_SYMMETRIC_BLOCK = 128
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def pivot_squared_distances(pivots: jax.Array, context: jax.Array, symmetric: bool = False) -> jax.Array:
     """(B, N) squared distances ``|a_j - r_b|^2`` from exact differences, streamed over anchor blocks.
 
     Unlike the expansion ``|a|^2 - 2 <a, r> + |r|^2`` it keeps full relative precision for nearby pairs, the
@@ -269,8 +282,13 @@ def pivot_squared_distances(pivots: jax.Array, context: jax.Array) -> jax.Array:
     Memory O(B * block * D) with ~64 MB blocks; computed once per flow.
 
     Args:
-      pivots: (B, D); context: (N, D).
+      pivots: (B, D); context: (N, D); symmetric: the caller guarantees that ``pivots`` and ``context`` hold
+        the same values (the forward flow with the rows' own anchors as context): only the blocks on and
+        above the diagonal are computed and the others mirrored, bit for bit the same result at about half
+        the cost, since ``(a_j - a_b)^2`` and ``(a_b - a_j)^2`` round alike.
     """
+    if symmetric:
+        return _symmetric_squared_distances(context)
     batch, dim = pivots.shape
     blocks = split_blocks(context, _difference_block(batch, dim, context.shape[0]), 0.0)
 
@@ -281,11 +299,30 @@ def pivot_squared_distances(pivots: jax.Array, context: jax.Array) -> jax.Array:
     return _stack_blocks(jax.lax.map(block_distances, blocks), batch, context.shape[0])
 
 
-def _pivot_squared_distances_fwd(pivots, context):
-    return pivot_squared_distances(pivots, context), (pivots, context)
+def _symmetric_squared_distances(context: jax.Array) -> jax.Array:
+    """(N, N) ``|a_j - a_b|^2``, computed for the square blocks on and above the diagonal, each summed over D
+    exactly as the general case sums it, and mirrored below it."""
+    num_anchors = context.shape[0]
+    blocks = split_blocks(context, _SYMMETRIC_BLOCK, 0.0)  # (num_blocks, block, D)
+    num_blocks = blocks.shape[0]
+    rows, cols = np.triu_indices(num_blocks)
+
+    def block_distances(pair):
+        differences = blocks[pair[1]][None, :, :] - blocks[pair[0]][:, None, :]
+        return jnp.sum(differences * differences, axis=-1)
+
+    upper = jax.lax.map(block_distances, jnp.stack([rows, cols], axis=1))  # (pairs, block, block)
+    tiles = jnp.zeros((num_blocks, num_blocks) + upper.shape[1:], context.dtype)
+    tiles = tiles.at[rows, cols].set(upper).at[cols, rows].set(jnp.swapaxes(upper, 1, 2))
+    size = num_blocks * _SYMMETRIC_BLOCK
+    return jnp.swapaxes(tiles, 1, 2).reshape(size, size)[:num_anchors, :num_anchors]
 
 
-def _pivot_squared_distances_bwd(residuals, g_distances):
+def _pivot_squared_distances_fwd(pivots, context, symmetric):
+    return pivot_squared_distances(pivots, context, symmetric), (pivots, context)
+
+
+def _pivot_squared_distances_bwd(symmetric, residuals, g_distances):
     pivots, context = residuals
     # d/d a_j |a_j - r_b|^2 = 2 (a_j - r_b) = -d/d r_b, weighted by the cotangents, in matmul form: its error is
     # relative to the cotangents, which the 1/t^2 scale does not reach (the forward flow's pivots are constants,

@@ -71,10 +71,14 @@ class Origin(NamedTuple):
     squared_distances: jax.Array
 
 
-def pivot_origin(pivots: jax.Array, context: jax.Array) -> Origin:
-    """The origin of rows whose own anchors are ``pivots`` (B, D), against ``context`` (N, D)."""
+def pivot_origin(pivots: jax.Array, context: jax.Array, *, pivots_are_context: bool = False) -> Origin:
+    """The origin of rows whose own anchors are ``pivots`` (B, D), against ``context`` (N, D).
+
+    ``pivots_are_context``: the two hold the same values (the distances then cost about half as much).
+    """
     # Inside shard_map a replicated context (e.g. label anchors) must vary like the rows before the custom VJP.
-    return Origin(pivots, _dense.pivot_squared_distances(*match_varying_axes(pivots, context)))
+    return Origin(pivots, _dense.pivot_squared_distances(*match_varying_axes(pivots, context),
+                                                         pivots_are_context))
 
 
 class Evaluation(NamedTuple):

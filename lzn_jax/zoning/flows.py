@@ -106,8 +106,8 @@ def forward_start(anchors: jax.Array, noise: jax.Array, eps: float) -> jax.Array
     return eps * (noise - anchors) + (anchors - jax.lax.stop_gradient(anchors))
 
 
-@functools.partial(jax.jit, static_argnames=("options",))
-def _compute_latents(anchors, noise, context, options: SolverOptions):
+@functools.partial(jax.jit, static_argnames=("options", "context_is_anchors"))
+def _compute_latents(anchors, noise, context, options: SolverOptions, context_is_anchors: bool = False):
     dtype = solver_dtype(anchors, noise, context)
     anchors, noise, context = anchors.astype(dtype), noise.astype(dtype), context.astype(dtype)
     eps = options.start_offset
@@ -117,7 +117,7 @@ def _compute_latents(anchors, noise, context, options: SolverOptions):
     # pivot terms of each step never have to cancel in the backward pass.
     pivots = jax.lax.stop_gradient(anchors)
     if options.block_size is None:
-        origin = _evaluator.pivot_origin(pivots, context)
+        origin = _evaluator.pivot_origin(pivots, context, pivots_are_context=context_is_anchors)
     else:  # the blockwise kernel needs no pivot distances: its logits come from exact differences
         origin = _evaluator.Origin(pivots, None)
     evaluate = _evaluator.make_evaluator(context, options, batch=anchors.shape[0], origin=origin)
@@ -155,11 +155,12 @@ def compute_latents(
       (B, D) latents, float32 (float64 under x64 with float64 inputs).
     """
     options = resolve_options(options, FORWARD_DEFAULTS, solver=solver, num_steps=num_steps, eps=eps)
+    context_is_anchors = context is None or context is anchors
     context = anchors if context is None else context
     check_matrix("anchors", anchors)
     check_matrix("noise", noise, dim=np.shape(anchors)[1], rows=np.shape(anchors)[0])
     check_matrix("context", context, dim=np.shape(anchors)[1])
-    return _compute_latents(anchors, noise, context, options)
+    return _compute_latents(anchors, noise, context, options, context_is_anchors)
 
 
 # ---------------------------------------------------------------------------------------------- reverse flow

@@ -1,4 +1,4 @@
-"""The README's main job: latent zoning of real digits, sharded over the 8 fake devices, and its CLI."""
+"""The digits zoning demo (latent zoning of real digits, sharded over the 8 fake devices) and its CLI."""
 
 import os
 import pathlib
@@ -35,8 +35,9 @@ def test_demo_latents_are_gaussian_and_zones_are_recovered():
 
 def test_main_cli_runs_and_rejects_unknown_config_keys():
     # The in-process test above checks the numbers; this one checks that the command parses, runs and reports,
-    # on a tiny batch, from a directory other than the repository (the default config is found by itself).
-    command = [sys.executable, "-m", "lzn_jax.main", "--config.data.batch_size=64", "--config.reverse_num_steps=10"]
+    # on a tiny batch, from a directory other than the repository.
+    command = [sys.executable, "-m", "lzn_jax.main", f"--config={REPO / 'configs' / 'digits_zoning_demo.py'}",
+               "--config.data.batch_size=64", "--config.reverse_num_steps=10"]
     done = subprocess.run(command, cwd=REPO.parent, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]

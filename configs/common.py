@@ -1,0 +1,217 @@
+"""What every training config shares: the full key set at its defaults, variant parsing, and the shrinking
+that ``:smoke`` applies. A setting file starts from ``base_config()`` and changes only what differs.
+
+Plain Python and ml_collections only (the model presets are plain dicts), so parsing a config never imports JAX.
+Keys are documented where they are set; docs/design.md ("Configs") lists them by block.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from lzn_jax.data.config import default_config as default_data_config
+
+# The trainable modules, in the order the reference builds its optimiser's parameter groups.
+MODULES = ("encoder", "decoder", "label_anchors")
+
+
+def parse_variants(arg: str, known: Iterable[str]) -> frozenset[str]:
+    """``"rf,smoke"`` -> ``{"rf", "smoke"}``; an unknown or repeated name raises ValueError naming the valid ones."""
+    known = tuple(known)
+    names = [name.strip() for name in arg.split(",") if name.strip()] if arg else []
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config variant(s) {unknown}; this config accepts {sorted(known)} (comma-separated)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"config variant repeated in {arg!r}")
+    return frozenset(names)
+
+
+def per_module(**values) -> ml_collections.ConfigDict:
+    """A block with one value per trainable module (missing modules get 0.0, i.e. unused)."""
+    block = ml_collections.ConfigDict()
+    for module in MODULES:
+        block[module] = float(values.get(module, 0.0))
+    return block
+
+
+def solver_block(solver: str, num_steps: int, eps: float | None = None) -> ml_collections.ConfigDict:
+    """A zoning solver's settings (fields of ``zoning.SolverOptions``; eps unset: the solver's own default)."""
+    block = ml_collections.ConfigDict()
+    block.solver = solver
+    block.num_steps = num_steps
+    block.eps = placeholder(float) if eps is None else float(eps)
+    return block
+
+
+def model_block(preset: dict | None) -> ml_collections.ConfigDict | None:
+    """A model preset (``lzn_jax.models.presets``) as a ConfigDict; None stays None (no such module)."""
+    return None if preset is None else ml_collections.ConfigDict(copy.deepcopy(preset))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, at the reference's shared defaults (docs/design.md, "Configs")."""
+    config = ml_collections.ConfigDict()
+    # "generation" (case studies 1 and 3: encoder -> latents -> rectified-flow decoder, plus the label alignment
+    # when there are label anchors) or "contrastive" (case study 2: two views, alignment of view 0's latents to
+    # view 1's anchors).
+    config.objective = "generation"
+    # Seed of the weights and of every random draw in a step (noise, times, dropout); data.seed orders the data.
+    config.seed = 0
+    config.latent_dim = 200
+
+    config.data = default_data_config()
+
+    config.model = ml_collections.ConfigDict()
+    # Model presets (a dict with a "name" the registry knows), or None where the setting has no such module
+    # (no encoder in a rectified-flow baseline, no decoder in case study 2, no label anchors outside case study 3).
+    config.model.encoder = None
+    config.model.decoder = None
+    config.model.label_anchors = None
+    # Compute dtype of convolutions and matmuls in the models ("float32" or "bfloat16"); params stay float32, the
+    # solver and the losses float32 always.
+    config.model.dtype = "float32"
+
+    config.optim = ml_collections.ConfigDict()
+    # Adam learning rate per module (0.0: the module does not exist in this setting).
+    config.optim.learning_rate = per_module()
+    # Iterations during which each module trains; from then on it is frozen (params, Adam moments and EMA
+    # untouched). Training stops at the largest.
+    config.optim.num_iterations = ml_collections.ConfigDict({module: 0 for module in MODULES})
+    # Linear warm-up of every learning rate from warmup_init_factor to 1 over warmup_steps successful updates.
+    config.optim.warmup_steps = 5000
+    config.optim.warmup_init_factor = 1.0 / 5000
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8
+    # Global L2 norm of the gradients of all trainable (unfrozen) modules is clipped to this.
+    config.optim.grad_clip_norm = 1.0
+
+    config.ema = ml_collections.ConfigDict()
+    # EMA decay per module; the effective decay is min(decay, (1 + n) / (10 + n)) with n the module's update count.
+    config.ema.decay = per_module()
+
+    config.generation = ml_collections.ConfigDict()
+    # The image latent flow (anchors -> latents), DPM-Solver++(3M) from t = 1e-3 to 0.999 in every paper setting.
+    config.generation.latent_solver = solver_block("dpm_solver++", 20)
+    # Scale alpha of the prior draw that starts the latent flow.
+    config.generation.prior_scale = 1.0
+    # Rectified-flow times are drawn uniformly from [rf_time_eps, 1] (noise at 0, data at 1).
+    config.generation.rf_time_eps = 1e-3
+    config.generation.rf_loss_weight = 1.0
+    # The label flow of case study 3: reverse Euler over the label anchors with global-batch class weights.
+    config.generation.label_solver = solver_block("euler", 100)
+    config.generation.label_cut_off = 0.2
+    config.generation.label_loss_weight = 1.0
+    config.generation.label_use_log = False
+
+    config.contrastive = ml_collections.ConfigDict()
+    # Latents of view 0 (forward Euler from t = 1e-4), then the reverse flow over view 1's anchors.
+    config.contrastive.latent_solver = solver_block("euler", 20, eps=1e-4)
+    config.contrastive.prior_scale = 0.45
+    config.contrastive.alignment_solver = solver_block("euler", 20)
+    config.contrastive.cut_off = 0.2
+    # Weights of -mean max p and of -mean log max p (the reference uses only the log form).
+    config.contrastive.prob_loss_weight = 0.0
+    config.contrastive.log_loss_weight = 1.0
+
+    config.train = ml_collections.ConfigDict()
+    # A non-finite loss or gradient norm skips the update; this many skips in a row stop the run.
+    config.train.max_consecutive_skips = 20
+    config.train.log_every_steps = 100
+    # Sample grid (generation) or assignment curve (contrastive) written into the workdir; 0: never.
+    config.train.sample_every_steps = 5000
+    config.train.num_sample_images = 100
+    config.train.sample_num_steps = 10
+    # An optional profiler window on process 0: steps [profile_start_step, + profile_num_steps); unset: none.
+    config.train.profile_start_step = placeholder(int)
+    config.train.profile_num_steps = 5
+    # At the end of a run with label anchors: classification accuracy on data split accuracy_split, solved in
+    # batches of accuracy_batch_size (transductive, alpha 1, uniform class weights; a partial last batch is left
+    # out and the count reported). 0: no accuracy.
+    config.train.accuracy_split = "test"
+    config.train.accuracy_batch_size = 0
+    # Implicit host<->device transfers are errors during training ("allow" to debug).
+    config.train.transfer_guard = "disallow"
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 1000
+    # How many recent checkpoints to keep (the newest complete one is never deleted).
+    config.checkpoint.keep = 3
+    config.checkpoint.async_save = True
+    # Resume order: the workdir's own checkpoint, then resume_from (a checkpoint directory of another run, whole
+    # state), then init_from (params only), then scratch.
+    config.checkpoint.resume_from = placeholder(str)
+    config.checkpoint.init_from = placeholder(str)
+
+    # Devices of the 1-D data mesh; unset: all devices of all hosts.
+    config.num_devices = placeholder(int)
+    return config
+
+
+def set_generation_iterations(config, *, encoder: int, decoder: int, label_anchors: int = 0) -> None:
+    """Stage lengths of a generation setting (SPEC-level names: num_encoder/decoder/label_anchor_iterations)."""
+    config.optim.num_iterations.encoder = encoder
+    config.optim.num_iterations.decoder = decoder
+    config.optim.num_iterations.label_anchors = label_anchors
+
+
+def apply_rectified_flow_baseline(config: ml_collections.ConfigDict) -> None:
+    """``:rf``: the same decoder without the latent (latent_dim 0) and without encoder and latent flow.
+
+    The one-hot class input of a conditional decoder stays, so ``cifar10_joint.py:rf`` is the class-conditional RF.
+    The label anchors go too: with no encoder there is no latent to align.
+    """
+    config.model.encoder = None
+    config.model.label_anchors = None
+    config.model.decoder.latent_dim = 0
+    config.optim.learning_rate.encoder = 0.0
+    config.optim.learning_rate.label_anchors = 0.0
+    config.optim.num_iterations.encoder = 0
+    config.optim.num_iterations.label_anchors = 0
+    config.ema.decay.encoder = 0.0
+    config.ema.decay.label_anchors = 0.0
+
+
+def apply_smoke(config: ml_collections.ConfigDict, *, image_size: int = 16) -> None:
+    """``:smoke``: the same wiring with tiny widths, a batch of 8 and 2 iterations, for tests and laptops.
+
+    Every architectural switch of the setting (FIR, input/output skips, Fourier time, scale_by_sigma, dropout,
+    heads) is kept; only sizes shrink. The NCSN++ models keep two levels so that skips and resampling are exercised.
+    """
+    config.data.batch_size = 8
+    config.data.image_size = image_size
+    if config.data.resize_size is not None:
+        config.data.resize_size = image_size
+    config.data.num_workers = 0
+    config.data.prefetch_buffer_size = 16
+    for name in ("encoder", "decoder"):
+        block = config.model[name]
+        if block is None:
+            continue
+        if block.name.startswith("ncsnpp"):
+            block.nf = 16
+            block.ch_mult = (1, 2)
+            block.num_res_blocks = 1
+            block.attn_resolutions = (image_size // 2,)
+            if "latent_transformation_resolutions" in block and block.latent_transformation_resolutions is not None:
+                block.latent_transformation_resolutions = (image_size // 2,)
+            if "num_base_units" in block:
+                block.num_base_channels = 4
+                block.num_base_units = 16
+        elif block.name == "resnet50_gn":
+            block.stage_sizes = (1, 1, 1, 1)
+    for module in MODULES:
+        if config.optim.num_iterations[module]:
+            config.optim.num_iterations[module] = 2
+    config.optim.warmup_steps = 2
+    config.train.log_every_steps = 1
+    config.train.sample_every_steps = 0
+    config.train.num_sample_images = 8
+    config.train.accuracy_batch_size = 0
+    config.checkpoint.every_steps = 2
+    config.checkpoint.async_save = False

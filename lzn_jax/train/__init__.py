@@ -1,0 +1,1 @@
+"""Training: the state pytree, optimisation, the pure step and the loop (docs/design.md, "Training")."""

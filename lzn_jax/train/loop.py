@@ -1,0 +1,320 @@
+"""The training loop: mesh, input, model, sharded state, the jitted step, checkpoints, progress and pictures.
+
+One linear function in banner-delimited sections; everything it calls is importable and testable on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import periodic_actions
+
+from lzn_jax import checkpoint, data, parallel, sampling
+from lzn_jax.train import optim, report
+from lzn_jax.train.state import Modules, TrainState, build_modules, init_state, parameter_table
+from lzn_jax.train.steps import StepFunctions, make_step
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many consecutive non-finite updates: the run stops; its last good checkpoint stays as it was."""
+
+
+def check_batch_divisible(global_batch_size: int, num_devices: int) -> None:
+    """Every device needs the same number of rows; refuse a global batch that does not divide."""
+    if global_batch_size % num_devices:
+        raise ValueError(
+            f"data.batch_size={global_batch_size} (the global batch) does not divide over the {num_devices} devices "
+            f"of the mesh; use a multiple of {num_devices} (e.g. {num_devices * max(1, global_batch_size // num_devices)})"
+        )
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, modules: Modules, optimizer, sharding) -> TrainState:
+    """The state's shapes and dtypes with ``sharding`` on every leaf: what init, restore and fit checks start from."""
+    shapes = jax.eval_shape(lambda key: init_state(config, modules, optimizer, key), jax.random.key(0))
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
+
+
+def _initial_state(config, modules, optimizer, replicated, abstract, checkpointer) -> tuple[TrainState, Any, str]:
+    """Resume order: this workdir's checkpoint, then ``checkpoint.resume_from``, then ``checkpoint.init_from``
+    (params only), then fresh weights. Returns ``(state, data_state or None, where it came from)``."""
+    restored = checkpointer.restore(abstract)
+    if restored is not None:
+        state, data_state = restored
+        return state, data_state, f"workdir checkpoint at step {int(jax.device_get(state.step))}"
+    if config.checkpoint.resume_from:
+        state, data_state = checkpoint.restore_state(config.checkpoint.resume_from, abstract)
+        return state, data_state, f"resume_from {config.checkpoint.resume_from}"
+    # The seed is a constant of the traced function: no host-to-device transfer (the transfer guard is on).
+    init = jax.jit(lambda: init_state(config, modules, optimizer, jax.random.key(config.seed)),
+                   out_shardings=replicated)
+    with jax.transfer_guard(config.train.transfer_guard):
+        state = init()
+    if config.checkpoint.init_from:
+        params = checkpoint.restore_params(config.checkpoint.init_from, abstract.params)
+        state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        return state, None, f"params of init_from {config.checkpoint.init_from}"
+    return state, None, "fresh weights"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pictures during training.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_sample_fn(config: ml_collections.ConfigDict, modules: Modules, image_shape: tuple[int, int, int]):
+    """``(ema_params, rng, step) -> images`` in [-1, 1] for the grid: unconditional latents z ~ N(0, I), or, with label
+    anchors, class-conditional latents (one grid row per class); the rectified-flow baseline has no latent."""
+    count = int(config.train.num_sample_images)
+    decoder = modules.decoder
+    num_classes = getattr(decoder, "num_classes", 0)
+
+    def sample(params, rng, step):
+        # A stream apart from the training draws of the same step (those split fold_in(rng, step)).
+        noise_key, latent_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, step), 1))
+        noise = jax.random.normal(noise_key, (count, *image_shape), jnp.float32)
+        labels = jnp.arange(count) * num_classes // count if num_classes else None
+        onehot = jax.nn.one_hot(labels, num_classes) if num_classes else None
+        latents = None
+        if decoder.latent_dim > 0:
+            prior = jax.random.normal(latent_key, (count, decoder.latent_dim), jnp.float32)
+            if modules.label_anchors is not None:
+                table = modules.label_anchors.apply({"params": params["label_anchors"]})
+                latents = sampling.class_conditional_latents(table, labels, prior)
+            else:
+                latents = prior
+        return sampling.euler_sample(decoder, params["decoder"], noise, latents=latents, label_onehot=onehot,
+                                     num_steps=int(config.train.sample_num_steps))
+
+    return sample, (num_classes or int(np.ceil(np.sqrt(count))))
+
+
+def _grid_rows(count: int, rows: int) -> int:
+    return -(-count // rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, source=None,
+          stop_after_steps: int | None = None) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming whatever is there) and returns the final summary.
+
+    Args:
+      source: records to train on instead of data set ``config.data.name`` (tests, notebooks).
+      stop_after_steps: stop (with a checkpoint) after this many steps of this call, as a preemption would.
+    """
+    workdir = pathlib.Path(workdir)
+    is_main = jax.process_index() == 0
+
+    # ---------------------------------------------------------------------------------------------- Mesh
+    mesh = parallel.data_mesh(config.num_devices)
+    num_devices = mesh.devices.size
+    check_batch_divisible(config.data.batch_size, num_devices)
+    replicated = jax.NamedSharding(mesh, jax.P())
+    batch_sharding = parallel.batch_sharding(mesh)
+
+    # --------------------------------------------------------------------------------------------- Model
+    modules = build_modules(config)
+    present = modules.present()
+    optimizer = optim.make_optimizer(config, present)
+    last_step = optim.total_steps(config, present)
+    abstract = abstract_train_state(config, modules, optimizer, replicated)
+
+    # The transfer guard wraps the jitted calls only: an implicit transfer there (a Python scalar fed to the step,
+    # a host array in a metric) would stall every step. Timing, logging and checkpointing transfer on purpose.
+    guard = lambda: jax.transfer_guard(config.train.transfer_guard)  # noqa: E731
+    with jax.set_mesh(mesh), checkpoint.Checkpointer(
+        workdir / "checkpoints", every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
+        async_save=config.checkpoint.async_save,
+    ) as checkpointer:
+        # ----------------------------------------------------------------------------- Restore or init
+        # Restore first: an incompatible workdir is refused before anything in it is written.
+        state, data_state, origin = _initial_state(config, modules, optimizer, replicated, abstract, checkpointer)
+        first_step = int(jax.device_get(state.step))
+        if is_main:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+            _log_start(config, mesh, state, origin, first_step, last_step)
+
+        # ----------------------------------------------------------------------------------------- Input
+        batches = data.build_pipeline(config.data, sharding=batch_sharding, source=source, start_step=first_step)
+        if data_state is not None:
+            batches.set_state(data_state)
+
+        # ------------------------------------------------------------------------------------ Update step
+        step_fn = make_step(config, StepFunctions(modules, optimizer, batches.to_model_inputs))
+        train_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, None),
+                             donate_argnums=0)
+        sample_fn = None
+        if config.objective == "generation" and config.train.sample_every_steps:
+            image_shape = (config.data.image_size, config.data.image_size,
+                           _image_channels(config))
+            sample, grid_rows = make_sample_fn(config, modules, image_shape)
+            sample_fn = jax.jit(sample, out_shardings=replicated)
+
+        # ------------------------------------------------------------------------------------------ Loop
+        writer = report.make_writer(workdir, is_main_process=is_main)
+        progress = report.ProgressLine(first_step=first_step, last_step=last_step, enabled=is_main)
+        report_progress = periodic_actions.ReportProgress(num_train_steps=last_step, writer=writer, every_secs=None,
+                                                          every_steps=config.train.log_every_steps)
+        hooks = [report_progress]
+        if is_main and config.train.profile_start_step is not None:
+            hooks.append(periodic_actions.Profile(logdir=str(workdir), first_profile=config.train.profile_start_step,
+                                                  num_profile_steps=config.train.profile_num_steps))
+        stop_at = last_step if stop_after_steps is None else min(last_step, first_step + stop_after_steps)
+        pending: list[tuple[int, dict]] = []  # metrics of recent steps, fetched at the next log step
+        step = first_step
+        logged: dict[str, float] = {}
+        stopped_early = False
+        try:
+            while step < stop_at:
+                with report_progress.timed("data"), _timer(progress, "data"):
+                    batch = next(batches)
+                with report_progress.timed("train_step"), _timer(progress, "step"), guard():
+                    state, metrics = train_step(state, batch)
+                step += 1
+                pending.append((step, metrics))
+                for hook in hooks:
+                    hook(step)
+                if step % config.train.log_every_steps == 0 or step == stop_at:
+                    logged = _log_metrics(pending, state, writer, progress, step, config)
+                    pending = []
+                if sample_fn is not None and (step % config.train.sample_every_steps == 0 or step == last_step):
+                    with report_progress.timed("eval"), _timer(progress, "eval"):
+                        _write_samples(sample_fn, state, workdir, step, grid_rows, is_main)
+                if config.objective == "contrastive" and config.train.sample_every_steps and (
+                        step % config.train.sample_every_steps == 0 or step == last_step) and is_main:
+                    writer.flush()
+                    report.plot_curves(workdir, workdir / "assignment_acc.png",
+                                       ("train/assignment_acc", "train/log_loss", "train/ode_error"))
+                preempted = checkpointer.preemption_requested(step)
+                with report_progress.timed("checkpoint"), _timer(progress, "checkpoint"):
+                    checkpointer.save(step, state, data_state=batches.get_state(),
+                                      force=preempted or step == stop_at)
+                if preempted:
+                    if is_main:
+                        print(f"preemption at step {step}: checkpoint written, exiting", flush=True)
+                    stopped_early = True
+                    break
+            stopped_early = stopped_early or step < last_step
+        finally:
+            checkpointer.wait_until_finished()
+            writer.flush()
+
+        summary = {"step": step, "last_step": last_step, "finished": step >= last_step,
+                   "stopped_early": stopped_early, "seconds": round(progress.elapsed(), 1),
+                   "skipped_updates": int(jax.device_get(state.skipped_updates)), **logged}
+        if not stopped_early and modules.label_anchors is not None and config.train.accuracy_batch_size > 0:
+            with _timer(progress, "eval"):
+                summary.update(classification_accuracy(config, modules, state, replicated))
+        if is_main:
+            report.plot_curves(workdir, workdir / "curves.png")
+            text = report.write_summary(workdir, summary)
+            print(f"summary (also in {workdir / 'summary.json'}):\n{text}", flush=True)
+        writer.close()
+    return summary
+
+
+def classification_accuracy(config, modules: Modules, state: TrainState, replicated) -> dict[str, Any]:
+    """Accuracy of the EMA model on split ``train.accuracy_split`` in full batches of ``train.accuracy_batch_size``
+    (transductive, alpha 1, uniform weights), with the protocol next to the number. Every host reads the whole
+    split and computes the same predictions on replicated arrays (``replicated``: the mesh's replicated sharding);
+    the split is small next to training (a test split), so this stays simple."""
+    import copy
+
+    from lzn_jax import evaluation
+
+    eval_data = copy.deepcopy(config.data)
+    eval_data.split = config.train.accuracy_split
+    eval_data.augmentation = "none"
+    source = data.build_source(eval_data)
+    batch_size = int(config.train.accuracy_batch_size)
+    num_batches = len(source) // batch_size
+    if num_batches == 0:
+        raise ValueError(f"train.accuracy_batch_size={batch_size} exceeds the {len(source)} examples of split "
+                         f"{eval_data.split!r}")
+    records = [source[i] for i in range(num_batches * batch_size)]
+    images = np.stack([r["image"] for r in records]).reshape(num_batches, batch_size, *records[0]["image"].shape)
+    labels = np.array([r["label"] for r in records]).reshape(num_batches, batch_size)
+
+    @jax.jit
+    def predict(params, rng, batch_images, index):
+        table = modules.label_anchors.apply({"params": params["label_anchors"]})
+        key = jax.random.fold_in(jax.random.fold_in(rng, index), 2)  # apart from training and sampling draws
+        return evaluation.classify(modules.encoder, params["encoder"], table, data.to_float_images(batch_images), key)
+
+    correct = 0
+    for index in range(num_batches):
+        batch_images, batch_index = jax.device_put((images[index], np.int32(index)), replicated)
+        predicted = jax.device_get(predict(state.ema_params, state.rng, batch_images, batch_index))
+        correct += int(np.sum(predicted == labels[index]))
+    count = num_batches * batch_size
+    return {"eval/accuracy": correct / count, "eval/accuracy_protocol":
+            f"EMA weights, split {eval_data.split}, {count} of {len(source)} examples in batches of {batch_size}, "
+            "alpha 1, uniform class weights, DPM-Solver++ 20 + reverse Euler 100, nearest label anchor"}
+
+
+def _image_channels(config) -> int:
+    from lzn_jax.train.state import encoder_input_channels
+
+    return encoder_input_channels(config.data)
+
+
+@contextlib.contextmanager
+def _timer(progress: report.ProgressLine, section: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        progress.add(section, time.perf_counter() - start)
+
+
+def _log_metrics(pending, state: TrainState, writer, progress, step: int, config) -> dict[str, float]:
+    """Fetches the pending steps' metrics (one transfer), checks the skip streak, writes and shows them."""
+    fetched = jax.device_get([metrics for _, metrics in pending])
+    streak, total = (int(x) for x in jax.device_get((state.consecutive_skips, state.skipped_updates)))
+    if streak >= config.train.max_consecutive_skips:
+        first_bad = step - streak + 1
+        raise TrainingDivergedError(
+            f"{streak} consecutive updates skipped for a non-finite loss or gradient norm (steps {first_bad}-{step}); "
+            "stopping. The last checkpoint holds the state before them; lower the learning rates or look at the "
+            "data of those steps (config.train.max_consecutive_skips sets the limit)"
+        )
+    averaged = {name: float(np.mean([m[name] for m in fetched])) for name in fetched[-1]}
+    averaged["train/skipped_total"] = float(total)
+    writer.write_scalars(step, averaged)
+    progress.show(step, averaged)
+    return averaged
+
+
+def _write_samples(sample_fn, state: TrainState, workdir: pathlib.Path, step: int, rows: int, is_main: bool, *,
+                   prefix: str = "samples") -> None:
+    images = jax.device_get(sample_fn(state.ema_params, state.rng, state.step))
+    if is_main:
+        grid = sampling.image_grid(sampling.to_uint8(images), columns=_grid_rows(images.shape[0], rows))
+        report.write_png(workdir / f"{prefix}_{step:07d}.png", grid)
+        report.write_png(workdir / f"{prefix}_latest.png", grid)
+
+
+def _log_start(config, mesh, state: TrainState, origin: str, first_step: int, last_step: int) -> None:
+    devices = mesh.devices.flatten()
+    print(f"lzn-jax: {config.objective} on {len(devices)} {devices[0].platform} device(s) in "
+          f"{jax.process_count()} process(es), mesh {dict(mesh.shape)}; global batch {config.data.batch_size} "
+          f"({config.data.batch_size // len(devices)} per device)", flush=True)
+    print(f"state from {origin}; steps {first_step} -> {last_step}", flush=True)
+    for name, count in parameter_table(state.params):
+        print(f"  params {name:<14} {count:>12,}", flush=True)
+    logger.info("config:\n%s", json.dumps(json.loads(config.to_json_best_effort()), indent=1))

@@ -1,0 +1,126 @@
+"""``python -m lzn_jax.main`` as two JAX processes on 127.0.0.1 (one CPU device each), and as a process whose peer
+never comes.
+
+The processes find their cluster the way a SLURM job step does (``lzn_jax.parallel.maybe_initialize`` lets JAX read
+SLURM_* variables; JAX_COORDINATOR_ADDRESS names the local coordinator), so this is the command a cluster runs.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.train import helpers
+from tests.train.conftest import REPO, subprocess_env
+from tests.train.programs import program
+
+TIMEOUT_S = 420
+LONE_TIMEOUT_S = 10  # LZN_DISTRIBUTED_TIMEOUT_SECONDS of the process left alone
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cluster_env(process_id: int, port: int, **extra) -> dict[str, str]:
+    """One process of a 2-process job on this machine, with one CPU device, as SLURM would describe it."""
+    return subprocess_env(None, devices=1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", SLURM_JOB_ID="1",
+                          SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2", SLURM_PROCID=str(process_id),
+                          SLURM_LOCALID="0", **extra)
+
+
+def main_command(workdir, *overrides) -> list[str]:
+    return [sys.executable, "-m", "lzn_jax.main", f"--config={REPO / 'tests' / 'train' / 'tiny.py'}:contrastive",
+            f"--workdir={workdir}", *overrides]
+
+
+def communicate(procs, timeout: float) -> list[str]:
+    try:
+        return [proc.communicate(timeout=timeout)[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the processes ran for more than {timeout} s and were killed")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_train_and_write_one_checkpoint(tmp_path):
+    """tiny.contrastive() for its 2 steps on 2 processes x 1 device: one checkpoint (step 2), one metrics log, and the
+    same training as one process on one device (programs.py), to float32 reduction-order tolerance."""
+    workdir = tmp_path / "workdir"
+    port = free_port()
+    command = main_command(workdir, "--config.num_devices=2")
+    procs = [subprocess.Popen(command, env=cluster_env(i, port), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = communicate(procs, TIMEOUT_S)
+    for proc, output in zip(procs, outputs):
+        assert proc.returncode == 0, output[-4000:]
+    assert "on 2 cpu device(s) in 2 process(es)" in outputs[0], outputs[0][-4000:]
+    assert helpers.checkpoint_steps(workdir) == [2]
+    metrics = helpers.train_metrics(workdir)
+    assert sorted(metrics) == [1, 2]  # written by process 0 only: one record per step
+
+    state, data_state = helpers.restore(workdir, kind="contrastive")
+    assert int(state.step) == 2 and data_state["step"] == 2
+    states, reference = program("contrastive", 1).trajectory(2)
+    helpers.assert_same_training(states[-1], state, reference, [metrics[1], metrics[2]], "contrastive")
+
+
+@pytest.mark.multiprocess
+def test_a_process_whose_peer_never_comes_fails_within_the_timeout(tmp_path):
+    start = time.monotonic()
+    proc = subprocess.Popen(main_command(tmp_path / "workdir"),
+                            env=cluster_env(0, free_port(), LZN_DISTRIBUTED_TIMEOUT_SECONDS=str(LONE_TIMEOUT_S)),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = communicate([proc], 120)[0]
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0, output[-4000:]
+    assert elapsed < 60, f"{elapsed:.0f} s"
+    assert f"waiting up to {LONE_TIMEOUT_S} s for every process" in output, output[-4000:]
+    assert "coordinat" in output.lower() and "deadline" in output.lower(), output[-4000:]
+    assert not (tmp_path / "workdir").exists()  # it never got to train
+
+
+def test_maybe_initialize_takes_its_timeout_from_the_keyword_or_the_environment(monkeypatch):
+    import jax
+
+    from lzn_jax.parallel import distributed
+
+    calls = []
+
+    def no_cluster(**kwargs):
+        calls.append(kwargs)
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.maybe_initialize() is False
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "7")
+    assert distributed.maybe_initialize() is False
+    assert distributed.maybe_initialize(initialization_timeout=3) is False
+    assert calls == [{}, {"initialization_timeout": 7}, {"initialization_timeout": 3}]
+
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match="LZN_DISTRIBUTED_TIMEOUT_SECONDS='soon'"):
+        distributed.maybe_initialize()
+
+    # A cluster that was described but could not be joined is an error, never a silent single-process run.
+    def unreachable(**kwargs):
+        raise jax.errors.JaxRuntimeError("DEADLINE_EXCEEDED: Deadline Exceeded")
+
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "10")
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setattr(jax.distributed, "initialize", unreachable)
+    with pytest.raises(RuntimeError, match=r"could not join the JAX cluster \(coordinator 127.0.0.1:1, timeout 10 s\)"):
+        distributed.maybe_initialize()
