@@ -1,7 +1,8 @@
 """Training step: throughput, compile time and compiled memory, side by side with the reference's PyTorch step.
 
-  .venv/bin/python -m benchmarks.train --reference_dir /tmp/lznref        # everything below (~25 min, 2 cores)
-  .venv/bin/python -m benchmarks.train --memory none                      # speed only, no reference
+  .venv/bin/python -m benchmarks.train --reference_dir /tmp/lznref --speed lzn,rf,solver,parts \
+      --variants default,ynn_conv_off --step_variants ynn_conv_off --repeats 2 --memory none   # ~1 h on 2 cores
+  .venv/bin/python -m benchmarks.train --speed none                            # the memory table (~30 min)
   .venv/bin/python -m benchmarks.train --speed none --memory cifar10_gen:125   # one memory row
 
 A checkout of github.com/microsoft/latent-zoning-networks for --reference_dir: `git clone` it, or from a bare mirror
@@ -55,7 +56,14 @@ CUDA kernels when imported, and its __init__ loads data, metrics and loggers. Th
   The RF step is the same trainer with the decoder's latent_dim 0, no encoder module, parameter group or EMA, and
   get_latent_from_data returning None (the reference has no RF config; this is its path with the encoder gone).
 
-Last measured numbers: benchmarks/README.md, "Training step".
+Last measured (2-core AMD EPYC, shared: load 4-11; batch 8; min of 2 interleaved calls; full tables and the
+analysis in benchmarks/README.md, "Training step"):
+  LZN step [ynn_conv_off]  ours 17.6 s, reference 47.6 s: 2.70x the reference's throughput; compile 828 s
+  RF step  [ynn_conv_off]  ours 19.4 s, reference 33.5 s: 1.73x; compile 355 s
+  solver share of the LZN step: ours 0.03 %, reference 0.22 %; reference LZN / RF step time 1.42x
+  decoder fwd+bwd: default 25.8 s (0.98x the reference), ynn_conv_off 13.5 s (1.87x): the flag's 1.91x
+  memory peak GiB (default flags): cifar10_gen/joint@125 25.1, afhq_cat_gen@8 37.4, imagenet_repr@64 16.5:
+  none fits a 16 GB v5e chip; all but afhq_cat_gen (0.2 GiB over) fit a 40 GB A100
 """
 
 from __future__ import annotations

@@ -30,6 +30,9 @@ class JsonLinesWriter(metric_writers.MetricWriter):
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         record = {"step": int(step), **{name: float(value) for name, value in scalars.items()}}
         self._file.write(json.dumps(record) + "\n")
+        # Whole lines reach the file at once: a run killed hard (SIGKILL, OOM) keeps what it logged, and never
+        # leaves half a line for the resumed run to append to.
+        self._file.flush()
 
     def write_summaries(self, step, values, metadata=None):
         del step, values, metadata
