@@ -45,16 +45,16 @@ def compile_cache(tmp_path_factory) -> pathlib.Path:
 
 @dataclasses.dataclass
 class DriverRuns:
-    """The background driver process and, once it is done, its results."""
+    """The background driver process (None when reusing a finished run) and, once it is done, its results."""
 
     out: pathlib.Path
-    process: subprocess.Popen
+    process: subprocess.Popen | None
     log: pathlib.Path
     started: float
     results: dict | None = None
 
     def wait(self) -> DriverRuns:
-        if self.results is None:
+        if self.results is None and self.process is not None:
             try:
                 self.process.wait(timeout=max(1.0, DRIVER_TIMEOUT_S - (time.monotonic() - self.started)))
             except subprocess.TimeoutExpired:
@@ -63,11 +63,21 @@ class DriverRuns:
                 pytest.fail(f"driver.py ran for more than {DRIVER_TIMEOUT_S} s:\n{self.output()[-4000:]}")
             if self.process.returncode != 0 or not (self.out / "results.json").exists():
                 pytest.fail(f"driver.py failed ({self.process.returncode}):\n{self.output()[-6000:]}")
+        if self.results is None:
             self.results = json.loads((self.out / "results.json").read_text())
         return self
 
+    def wait_for_reference(self) -> DriverRuns:
+        """Waits until run B is complete (its checkpoints written, its compiled step in the persistent cache)."""
+        deadline = self.started + DRIVER_TIMEOUT_S
+        while self.process is not None and "driver: compiled" not in self.output():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                return self.wait()  # fails with the driver's output unless it finished
+            time.sleep(0.5)
+        return self
+
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def summary(self, name: str) -> dict:
         """The summary of run ``name``; fails the test with the run's error when it raised."""
@@ -86,9 +96,7 @@ def _start_driver(tmp_path_factory, cache_dir: pathlib.Path) -> DriverRuns:
     reuse = os.environ.get(REUSE_ENV)
     if reuse and "runs" not in _DRIVER:
         out = pathlib.Path(reuse)
-        done = subprocess.Popen([sys.executable, "-c", ""])
-        done.wait()
-        _DRIVER["runs"] = DriverRuns(out, done, out / "driver.log", time.monotonic())
+        _DRIVER["runs"] = DriverRuns(out, None, out / "driver.log", time.monotonic())
     if "runs" not in _DRIVER:
         out = tmp_path_factory.mktemp("driver")
         log = out / "driver.log"
@@ -99,27 +107,43 @@ def _start_driver(tmp_path_factory, cache_dir: pathlib.Path) -> DriverRuns:
     return _DRIVER["runs"]
 
 
+DRIVER_FIXTURES = ("driver_reference", "driver_runs")
+
+
+def _uses(item, names) -> bool:
+    return any(name in getattr(item, "fixturenames", ()) for name in names)
+
+
 def pytest_collection_modifyitems(session, config, items):
-    """Runs this folder's tests that wait for the driver after the folder's other tests (a stable reordering inside
-    the folder only), so that the driver trains while those compile and run."""
+    """Orders this folder's tests (a stable reordering inside the folder only): first those that need neither the
+    driver nor a multi-process training run, so that the background driver trains while they compile; then those
+    that need only the driver's first run, then those that wait for all of it; last the multi-process training, which
+    then does not compete with the driver for the cores (two JAX processes must reach their first collective within
+    30 s of each other, or gloo gives up)."""
     here = pathlib.Path(__file__).parent
     positions = [i for i, item in enumerate(items) if here in pathlib.Path(str(item.fspath)).parents]
-    mine = [items[i] for i in positions]
-    reordered = ([item for item in mine if "driver_runs" not in getattr(item, "fixturenames", ())]
-                 + [item for item in mine if "driver_runs" in getattr(item, "fixturenames", ())])
+
+    def group(item) -> int:
+        if item.get_closest_marker("multiprocess") is not None and item.get_closest_marker("slow") is not None:
+            return 3
+        if _uses(item, ("driver_runs",)):
+            return 2
+        return 1 if _uses(item, ("driver_reference",)) else 0
+
+    reordered = sorted((items[i] for i in positions), key=group)
     for position, item in zip(positions, reordered):
         items[position] = item
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _driver_in_background(request, tmp_path_factory, compile_cache):
-    """Starts driver.py at the beginning of the session when a selected test uses ``driver_runs``; stops it at the
-    end if it is still running (a test failed before waiting for it)."""
-    if any("driver_runs" in getattr(item, "fixturenames", ()) for item in request.session.items):
+    """Starts driver.py at the beginning of the session when a selected test uses ``driver_runs`` or
+    ``driver_reference``; stops it at the end if it is still running (a test failed before waiting for it)."""
+    if any(_uses(item, DRIVER_FIXTURES) for item in request.session.items):
         _start_driver(tmp_path_factory, compile_cache)
     yield
     runs = _DRIVER.get("runs")
-    if runs is not None and runs.process.poll() is None:
+    if runs is not None and runs.process is not None and runs.process.poll() is None:
         runs.process.kill()
         runs.process.wait()
 
@@ -128,3 +152,9 @@ def _driver_in_background(request, tmp_path_factory, compile_cache):
 def driver_runs(tmp_path_factory, compile_cache) -> DriverRuns:
     """The finished driver.py runs (started in the background at the beginning of the session)."""
     return _start_driver(tmp_path_factory, compile_cache).wait()
+
+
+@pytest.fixture(scope="session")
+def driver_reference(tmp_path_factory, compile_cache) -> DriverRuns:
+    """The driver once its first run (B, the uninterrupted reference) is complete; the others may still be going."""
+    return _start_driver(tmp_path_factory, compile_cache).wait_for_reference()

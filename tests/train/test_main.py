@@ -49,7 +49,7 @@ def run_main(config_file, workdir, cache_dir, **env):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_cleanly_and_the_same_command_resumes(tmp_path, compile_cache, driver_runs):
+def test_sigterm_saves_exits_cleanly_and_the_same_command_resumes(tmp_path, compile_cache, driver_reference):
     config_file = tmp_path / "tiny_main_config.py"
     config_file.write_text(textwrap.dedent(CONFIG_FILE))
     workdir = tmp_path / "workdir"
@@ -74,5 +74,5 @@ def test_sigterm_saves_exits_cleanly_and_the_same_command_resumes(tmp_path, comp
     assert (summary["step"], summary["finished"], summary["stopped_early"]) == (6, True, False)
     assert helpers.checkpoint_steps(workdir) == [stopped, 6]
     # The same computation as the driver's uninterrupted run of tiny.joint(), bit for bit.
-    helpers.assert_bitwise_equal(helpers.restore(workdir)[0], helpers.restore(driver_runs.out / "B")[0],
+    helpers.assert_bitwise_equal(helpers.restore(workdir)[0], helpers.restore(driver_reference.out / "B")[0],
                                  "main, preempted and resumed, vs 6 uninterrupted steps")

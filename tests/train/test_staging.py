@@ -54,9 +54,9 @@ def test_a_frozen_module_stays_bit_identical_and_out_of_the_gradient_norm():
         helpers.assert_bitwise_equal(module_view(states[index], "decoder"), module_view(states[1], "decoder"),
                                      f"decoder after step {index}")
         helpers.assert_trained(states[index].params["encoder"], states[index - 1].params["encoder"],
-                                  f"encoder params at step {index}")
+                               f"encoder params at step {index}")
         helpers.assert_trained(states[index].ema_params["encoder"], states[index - 1].ema_params["encoder"],
-                                  f"encoder EMA at step {index}")
+                               f"encoder EMA at step {index}")
     assert [int(s.ema_counts["decoder"]) for s in states] == [0, 1, 1, 1]
     assert [int(s.ema_counts["encoder"]) for s in states] == [0, 1, 2, 3]
     assert [m["train/enabled_decoder"] for m in metrics] == [1.0, 0.0, 0.0]
