@@ -154,7 +154,7 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def set_generation_iterations(config, *, encoder: int, decoder: int, label_anchors: int = 0) -> None:
-    """Stage lengths of a generation setting (SPEC-level names: num_encoder/decoder/label_anchor_iterations)."""
+    """Stage lengths of a generation setting (the reference's names: num_encoder/decoder/label_anchor_iterations)."""
     config.optim.num_iterations.encoder = encoder
     config.optim.num_iterations.decoder = decoder
     config.optim.num_iterations.label_anchors = label_anchors

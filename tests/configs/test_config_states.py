@@ -1,5 +1,5 @@
 """Every setting in configs/ builds its train state: the abstract state of every variant (jax.eval_shape, no memory,
-so the 256x256 and ResNet-50 paper models are checked too) with SPEC 2.6's parameter counts, and two real training
+so the 256x256 and ResNet-50 paper models are checked too) with the paper's parameter counts (docs/method.md, "Models"), and two real training
 steps of every `:smoke` variant on the data it would read.
 
 Run as a script (``python tests/configs/test_config_states.py NAME ...``) this file is the smoke worker: it trains
@@ -47,7 +47,7 @@ def variant_args(name: str) -> list[str]:
 
 CASES = [(name, arg) for name in NAMES for arg in variant_args(name)]
 
-# SPEC 2.6: parameters per module of the paper settings (every leaf, the Fourier frequencies included).
+# The paper's counts (docs/method.md, "Models"): parameters per module of the paper settings (every leaf, the Fourier frequencies included).
 _CIFAR_ENCODER, _ENCODER_256 = 49_790_260, 87_768_896
 _GEN_256 = {"": dict(encoder=_ENCODER_256, decoder=65_676_949), "rf": dict(decoder=65_574_549)}
 PAPER_COUNTS = {

@@ -1,5 +1,5 @@
 """The setting files in configs/: every variant parses, is consistent, locks, takes command-line overrides, builds
-its models, documents its run command, carries the hyper-parameters of SPEC section 6, and parses without JAX."""
+its models, documents its run command, carries the hyper-parameters of the paper's settings (docs/method.md, "Training recipes in brief"), and parses without JAX."""
 
 from __future__ import annotations
 
@@ -245,7 +245,7 @@ def test_parsing_imports_neither_jax_nor_flax():
     assert json.loads(result.stdout) == []
 
 
-# SPEC section 6: the paper's value of every hyper-parameter the schema holds, per setting.
+# The paper's settings (docs/method.md, "Training recipes in brief"): the paper's value of every hyper-parameter the schema holds, per setting.
 _GEN = dict(objective="generation", solver=("dpm_solver++", 20), prior_scale=1.0)
 PAPER = {
     "cifar10_gen": dict(_GEN, data=("cifar10", 32, "flip", 2000), latent=200, lr=dict(encoder=2.5e-5, decoder=1e-3),

@@ -1,7 +1,7 @@
-"""The LZN contrastive loss (SPEC 3.4) against SPEC's formulas in float64 NumPy, and sharded against unsharded.
+"""The LZN contrastive loss (docs/method.md) against the method's formulas (docs/method.md) in float64 NumPy, and sharded against unsharded.
 
 Only the anchors come from JAX (the real tiny encoder, one pass per view with the dropout keys contrastive_loss
-uses); the forward flow, the reverse flow and the loss are recomputed in float64 from SPEC 1.2-1.4 and 1.9 with the
+uses); the forward flow, the reverse flow and the loss are recomputed in float64 from docs/method.md with the
 broadcast form of the velocity. The test mirrors contrastive_loss's key layout, part of its contract:
 ``prior, dropout view 0, dropout view 1 = split(key, 3)``.
 """
@@ -25,7 +25,7 @@ WEIGHTED = contrastive.ContrastiveSettings(prob_loss_weight=0.3, log_loss_weight
 
 
 def velocity(x, t, anchors):
-    """SPEC 1.2 as the reference computes it (uniform weights): (v (B, D), unnormalised p (B, N))."""
+    """docs/method.md as the reference computes it (uniform weights): (v (B, D), unnormalised p (B, N))."""
     implied_noise = (x[:, None, :] - (1.0 - t) * anchors[None]) / t  # (B, N, D)
     log_pdf = -0.5 * np.sum(implied_noise**2, axis=-1)
     pdf = np.exp(log_pdf - log_pdf.max(axis=1, keepdims=True))
@@ -34,7 +34,7 @@ def velocity(x, t, anchors):
 
 
 def forward_euler(anchors, own, noise, num_steps, eps):
-    """SPEC 1.3: from x = eps noise + (1 - eps) a_own at t = eps, num_steps steps of h = (1 - eps)/num_steps."""
+    """docs/method.md: from x = eps noise + (1 - eps) a_own at t = eps, num_steps steps of h = (1 - eps)/num_steps."""
     x, t, h = eps * noise + (1.0 - eps) * own, eps, (1.0 - eps) / num_steps
     for _ in range(num_steps):
         x = x + h * velocity(x, t, anchors)[0]
@@ -43,7 +43,7 @@ def forward_euler(anchors, own, noise, num_steps, eps):
 
 
 def reverse_euler(anchors, latents, num_steps):
-    """SPEC 1.4: from t = 1, h = 1/num_steps; the normalised pdfs before each step, (S, B, N), and the end points."""
+    """docs/method.md: from t = 1, h = 1/num_steps; the normalised pdfs before each step, (S, B, N), and the end points."""
     x, t, h, probs = latents, 1.0, 1.0 / num_steps, []
     for _ in range(num_steps):
         v, pdf = velocity(x, t, anchors)
@@ -54,7 +54,7 @@ def reverse_euler(anchors, latents, num_steps):
 
 
 def reference(anchors_0, anchors_1, noise, settings):
-    """SPEC 3.4 in float64: the losses and diagnostics of one (unsharded) batch."""
+    """docs/method.md in float64: the losses and diagnostics of one (unsharded) batch."""
     latent, align = settings.latent_options, settings.alignment_options
     assert (latent.solver, align.solver) == ("euler", "euler")
     z = forward_euler(anchors_0, anchors_0, settings.prior_scale * noise, latent.num_steps, latent.start_offset)
@@ -63,7 +63,7 @@ def reference(anchors_0, anchors_1, noise, settings):
     q = probs[:, rows, rows]  # (S, B): the matching view-1 sample
     first = math.floor(align.num_steps * settings.cut_off)
     best = np.max(q[first:], axis=0)
-    nearest = anchors_1[np.argmax(probs[-1], axis=1)]  # SPEC: the arg-max of the last recorded pdf
+    nearest = anchors_1[np.argmax(probs[-1], axis=1)]  # the reference's rule: the arg-max of the last recorded pdf
     return dict(
         prob_loss=-np.mean(best), log_loss=-np.mean(np.log(best)), assignment_acc=np.mean(probs[-1][rows, rows]),
         ode_error=np.mean(np.linalg.norm(nearest - end, axis=1) / np.linalg.norm(nearest, axis=1)),

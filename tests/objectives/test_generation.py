@@ -1,10 +1,10 @@
-"""The LZN generation loss (SPEC 3.1) against a hand-composed computation, sharded against unsharded, the plain
+"""The LZN generation loss (docs/method.md) against a hand-composed computation, sharded against unsharded, the plain
 rectified-flow baseline, and the stage masks.
 
 The hand composition mirrors generation_loss's key layout, which is part of its contract (a resumed run must draw
 what it would have drawn): ``prior, rf, encoder dropout, decoder dropout = split(key, 4)`` and, inside
 rectified_flow_pair, ``time, noise = split(rf, 2)``. Everything else (weights, masks, rf pairs, class weights,
-the cut-off and the max over steps) is recomputed here from SPEC 1.5, 1.9 and 3.1.
+the cut-off and the max over steps) is recomputed here from docs/method.md.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def setup():
 
 
 def hand_rf_pair(images, rf_key, time_eps):
-    """SPEC 3.1: t ~ U[eps, 1] per image, n ~ N(0, I), x_t = t x + (1 - t) n, target x - n (float32 numpy)."""
+    """docs/method.md: t ~ U[eps, 1] per image, n ~ N(0, I), x_t = t x + (1 - t) n, target x - n (float32 numpy)."""
     time_key, noise_key = jax.random.split(rf_key)  # mirrors rectified_flow_pair
     t = np.asarray(jax.random.uniform(time_key, (images.shape[0],), jnp.float32)) * np.float32(1.0 - time_eps)
     t = t + np.float32(time_eps)
@@ -61,21 +61,21 @@ def mse(prediction, target) -> float:
 
 
 def hand_class_log_weights(labels, num_classes):
-    """SPEC 1.5: log(count_k / B), -inf for absent classes."""
+    """docs/method.md: log(count_k / B), -inf for absent classes."""
     counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
     with np.errstate(divide="ignore"):
         return np.log(counts / counts.sum())
 
 
 def hand_label_loss(target_log_probs, cut_off) -> float:
-    """SPEC 1.9, no log: -mean_b max_{s >= floor(S cut_off)} P[s, b, y_b]."""
+    """docs/method.md, no log: -mean_b max_{s >= floor(S cut_off)} P[s, b, y_b]."""
     probs = np.exp(np.asarray(target_log_probs, np.float64))
     first = math.floor(probs.shape[0] * cut_off)
     return float(-np.mean(np.max(probs[first:], axis=0)))
 
 
 def hand_generation(modules, params, images, labels, key, settings, *, latents_override=None, log_weights=True):
-    """The whole of SPEC 3.1's loss, composed by hand (unsharded, un-jitted)."""
+    """The whole of docs/method.md's loss, composed by hand (unsharded, un-jitted)."""
     prior_key, rf_key, encoder_key, decoder_key = jax.random.split(key, 4)  # mirrors generation_loss
     anchors = modules.encoder.apply({"params": params["encoder"]}, images, train=True, rngs={"dropout": encoder_key})
     noise = jax.random.normal(prior_key, anchors.shape, jnp.float32)
@@ -176,7 +176,7 @@ def test_sharded_loss_and_gradients_equal_unsharded(setup, eager_outputs):
 
 
 def test_rectified_flow_baseline_is_the_plain_rf_loss():
-    """No encoder, decoder latent_dim 0: the loss is SPEC 3.1's RF term alone; no label term, no latent stats."""
+    """No encoder, decoder latent_dim 0: the loss is docs/method.md's RF term alone; no label term, no latent stats."""
     decoder = dict(tiny.DECODER, latent_dim=0, num_classes=0)
     modules, params = tiny.build(encoder=None, decoder=decoder, label_anchors=None)
     images, key = tiny.images(1, B), jax.random.key(3)
@@ -200,7 +200,7 @@ def test_class_conditional_decoder_needs_labels():
 
 
 def test_stage_masks_zero_exactly_the_terms_spec_says(setup):
-    """SPEC 3.1/3.2: the RF term stays while the decoder or the encoder trains, the label term while the encoder or
+    """docs/method.md: the RF term stays while the decoder or the encoder trains, the label term while the encoder or
     the label anchors train; a term whose modules are all frozen is exactly zero. A module missing from
     ``enabled`` counts as frozen."""
     modules, params, images, labels, key = setup

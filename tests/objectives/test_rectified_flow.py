@@ -1,4 +1,4 @@
-"""The image rectified-flow pair and loss (SPEC 3.1): times in [eps, 1], exact interpolation, plain L2."""
+"""The image rectified-flow pair and loss (docs/method.md): times in [eps, 1], exact interpolation, plain L2."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""``optim.apply_gradients`` against a float64 NumPy re-implementation of SPEC section 3.3, on a tiny params tree.
+"""``optim.apply_gradients`` against a float64 NumPy re-implementation of the optimisation of docs/method.md ("Training recipes in brief") and docs/design.md ("Training"), on a tiny params tree.
 
-The reference below is written from the SPEC, not from the code: per-module Adam (eps outside the square root),
+The reference below is written from that description, not from the code: per-module Adam (eps outside the square root),
 torch's LinearLR warm-up ``lr * (f + (1 - f) * s / W)`` with ``s`` the module's successful updates so far, torch's
 clipping scale ``min(1, c / (norm + 1e-6))`` over the unfrozen modules only, the per-module EMA with
 ``d = min(decay, (1 + n) / (10 + n))`` after the ``n``-th update, frozen modules and the Fourier frequencies untouched,
@@ -77,7 +77,7 @@ def updates(rng):
 
 
 class Reference:
-    """SPEC section 3.3 in float64."""
+    """The described optimisation step in float64."""
 
     def __init__(self, params):
         self.params = flat(params)
