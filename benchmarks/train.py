@@ -108,6 +108,9 @@ def _parse(argv=None):
                         + ", ".join(VARIANTS) + " (see VARIANTS)")
     parser.add_argument("--step_variants", default=None, help="variants of the whole steps (lzn, rf) only; "
                         "default: --variants (a whole step compiles for minutes on 2 cores)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's peak TFLOP/s at the step's "
+                        "precision (e.g. 989 for H100/H200 dense bf16, 67 for float32 without TF32): prints the "
+                        "FLOP utilisation of the whole steps")
     parser.add_argument("--memory_variant", default="default", help="the XLA variant the memory rows compile with")
     parser.add_argument("--reference_worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -399,7 +402,17 @@ def _step_item(name: str, batch: int, options=None):
     def call():
         holder["state"], metrics = compiled(holder["state"], inputs)
         jax.block_until_ready((holder["state"], metrics))
+    call.flops = _compiled_flops(compiled)
     return compile_s, call
+
+
+def _compiled_flops(compiled) -> float | None:
+    """XLA's cost-analysis FLOP count of one call (None where the backend gives none)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
 
 
 def _timed_compile(fn, *args, options=None):
@@ -534,6 +547,14 @@ def _speed(args) -> None:
             line += f"{'-':>15s} {args.batch / o_min:10.2f} {'-':>10s} {'-':>14s}"
         print(line + f" {compile_times[name, variant]:9.1f}")
     best = lambda name, variant: min(ours[name, variant])  # noqa: E731
+    for (name, variant), call in items.items():
+        flops = getattr(call, "flops", None)
+        if flops:
+            achieved = flops / best(name, variant) / 1e12
+            line = f"{name} [{variant}]: {flops / 1e9:.1f} GFLOP per step (XLA cost analysis), {achieved:.2f} TFLOP/s"
+            if args.peak_tflops:
+                line += f", {100 * achieved / args.peak_tflops:.1f}% of the {args.peak_tflops} TFLOP/s peak given"
+            print(line)
     for variant in variants:
         if variant != "default" and "default" in variants:
             for name in names:

@@ -48,6 +48,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 2000
     config.train.sample_every_steps = 10_000
     config.train.num_sample_images = 256
+    common.paper_generation_eval(config, fid_num_samples=5120, reconstruction_num_images=256)
 
     if "rf" in variants:
         common.apply_rectified_flow_baseline(config)

@@ -47,6 +47,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 1000
     config.train.sample_every_steps = 5000
     config.train.num_sample_images = 100
+    # 50,000 samples against the whole training set; reconstructions of 2,000 training images.
+    common.paper_generation_eval(config, fid_num_samples=50_000, reconstruction_num_images=2000)
 
     if "rf" in variants:
         common.apply_rectified_flow_baseline(config)

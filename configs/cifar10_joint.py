@@ -57,6 +57,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.train.num_sample_images = 1000  # 100 per class
     # Test accuracy at the end, in the reference's evaluation batches of 2,000 (transductive; alpha 1).
     config.train.accuracy_batch_size = 2000
+    # 5,000 samples per class; reconstructions of 2,000 training images; the accuracy at every prior scale.
+    common.paper_generation_eval(config, fid_num_samples=50_000, reconstruction_num_images=2000)
+    config.eval.accuracy_prior_scales = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
 
     if "rf" in variants:
         common.apply_rectified_flow_baseline(config)

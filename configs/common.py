@@ -119,6 +119,34 @@ def base_config() -> ml_collections.ConfigDict:
     config.contrastive.prob_loss_weight = 0.0
     config.contrastive.log_loss_weight = 1.0
 
+    # --mode=eval (lzn_jax/train/evaluate.py): what the evaluation of the latest checkpoint computes. Sizes of 0
+    # switch a metric off; the setting files turn on the paper's (docs/evaluation.md).
+    config.eval = ml_collections.ConfigDict()
+    config.eval.use_ema = True  # the paper evaluates the EMA weights
+    # Image samplers of the decoder, each metric computed once per sampler: "euler" (euler_steps steps) and
+    # "dopri5" (adaptive, rtol = atol = 1e-5, the batch as one ODE state as the reference solves it).
+    config.eval.samplers = ("euler",)
+    config.eval.euler_steps = 10
+    # Reconstruction error: this many training images (no flip) as one batch, num_draws prior draws each.
+    config.eval.reconstruction_num_images = 0
+    config.eval.reconstruction_draws = 20
+    # Classification accuracy of a joint model at each prior scale alpha (the "tunable std" sweep), in batches of
+    # train.accuracy_batch_size of split train.accuracy_split, uniform and batch-label class weights.
+    config.eval.accuracy_prior_scales = ()
+    # FID / sFID / IS / precision-recall of this many generated images against the training split (all of it,
+    # or fid_num_reference images); the Inception weights file comes from inception_weights (a path) or the cache.
+    config.eval.fid_num_samples = 0
+    config.eval.fid_num_reference = placeholder(int)
+    config.eval.fid_batch_size = 100
+    config.eval.inception_weights = placeholder(str)
+    # Where training-set statistics are cached (default: ~/.cache/lzn_jax/fid_statistics).
+    config.eval.fid_statistics_dir = placeholder(str)
+    # Representation models: k-NN and ridge probes, and a trained linear probe of this many epochs (0: none).
+    config.eval.probes = True
+    config.eval.linear_probe_epochs = 0
+    config.eval.linear_probe_batch_size = 8192
+    config.eval.linear_probe_learning_rate = 3e-4
+
     config.train = ml_collections.ConfigDict()
     # A non-finite loss or gradient norm skips the update; this many skips in a row stop the run.
     config.train.max_consecutive_skips = 20
@@ -135,6 +163,10 @@ def base_config() -> ml_collections.ConfigDict:
     # out and the count reported). 0: no accuracy.
     config.train.accuracy_split = "test"
     config.train.accuracy_batch_size = 0
+    # At the end of a contrastive run: weighted k-NN and ridge-probe accuracy of the encoder's features, fitted on
+    # data.split and scored on accuracy_split (lzn_jax/evaluation/probes.py). Every feature is held on the host,
+    # so this suits small data sets; the paper's trained linear probe is a separate evaluation.
+    config.train.end_probes = False
     # Implicit host<->device transfers are errors during training ("allow" to debug).
     config.train.transfer_guard = "disallow"
 
@@ -158,6 +190,16 @@ def set_generation_iterations(config, *, encoder: int, decoder: int, label_ancho
     config.optim.num_iterations.encoder = encoder
     config.optim.num_iterations.decoder = decoder
     config.optim.num_iterations.label_anchors = label_anchors
+
+
+def paper_generation_eval(config: ml_collections.ConfigDict, *, fid_num_samples: int,
+                          reconstruction_num_images: int) -> None:
+    """The paper's evaluation of a generation setting: both samplers (Dormand-Prince, as the paper's RK45, and
+    Euler 10), FID-type metrics of ``fid_num_samples`` images against the training set, and the reconstruction
+    error of ``reconstruction_num_images`` training images (20 draws)."""
+    config.eval.samplers = ("dopri5", "euler")
+    config.eval.fid_num_samples = fid_num_samples
+    config.eval.reconstruction_num_images = reconstruction_num_images
 
 
 def apply_rectified_flow_baseline(config: ml_collections.ConfigDict) -> None:
@@ -213,5 +255,10 @@ def apply_smoke(config: ml_collections.ConfigDict, *, image_size: int = 16) -> N
     config.train.sample_every_steps = 0
     config.train.num_sample_images = 8
     config.train.accuracy_batch_size = 0
+    config.train.end_probes = False
+    config.eval.fid_num_samples = 0
+    config.eval.reconstruction_num_images = 0
+    config.eval.accuracy_prior_scales = ()
+    config.eval.linear_probe_epochs = 0
     config.checkpoint.every_steps = 2
     config.checkpoint.async_save = False

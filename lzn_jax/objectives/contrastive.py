@@ -86,9 +86,12 @@ def contrastive_loss(
       ContrastiveOutputs; ``loss = prob_loss_weight * prob_loss + log_loss_weight * log_loss``.
     """
     prior_key, dropout_0, dropout_1 = jax.random.split(key, 3)
-    # Two encoder passes, one per view, as the reference runs them.
-    anchors_0 = encoder_anchors(modules.encoder, params["encoder"], views[:, 0], dropout_0)
-    anchors_1 = encoder_anchors(modules.encoder, params["encoder"], views[:, 1], dropout_1)
+    # Two encoder passes, one per view with its own dropout draw, as the reference runs them; vmapped over the view
+    # axis, so the encoder is traced and compiled once (its normalisations are per image: no view sees the other).
+    anchors_0, anchors_1 = jax.vmap(
+        lambda view, dropout_key: encoder_anchors(modules.encoder, params["encoder"], view, dropout_key),
+        in_axes=(1, 0),
+    )(views, jnp.stack([dropout_0, dropout_1]))
     noise = settings.prior_scale * jax.random.normal(prior_key, anchors_0.shape, jnp.float32)
     latents = latents_of(anchors_0, noise, settings.latent_options)
     targets = jnp.arange(anchors_1.shape[0], dtype=jnp.int32)

@@ -19,8 +19,16 @@ import numpy as np
 from clu import periodic_actions
 
 from lzn_jax import checkpoint, data, parallel, sampling
+from lzn_jax.evaluation import end_of_training
 from lzn_jax.train import optim, report
-from lzn_jax.train.state import Modules, TrainState, build_modules, init_state, parameter_table
+from lzn_jax.train.state import (
+    Modules,
+    TrainState,
+    build_modules,
+    encoder_input_channels,
+    init_state,
+    parameter_table,
+)
 from lzn_jax.train.steps import StepFunctions, make_step
 
 logger = logging.getLogger(__name__)
@@ -72,10 +80,14 @@ def _initial_state(config, modules, optimizer, replicated, abstract, checkpointe
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def make_sample_fn(config: ml_collections.ConfigDict, modules: Modules, image_shape: tuple[int, int, int]):
-    """``(ema_params, rng, step) -> images`` in [-1, 1] for the grid: unconditional latents z ~ N(0, I), or, with label
-    anchors, class-conditional latents (one grid row per class); the rectified-flow baseline has no latent."""
+def make_sample_fn(config: ml_collections.ConfigDict, modules: Modules):
+    """``(ema_params, rng, step) -> images`` in [-1, 1] for the grid, and the grid's column count.
+
+    Unconditional latents z ~ N(0, I), or, with label anchors, class-conditional latents (one grid row per class);
+    the rectified-flow baseline has no latent.
+    """
     count = int(config.train.num_sample_images)
+    image_shape = (config.data.image_size, config.data.image_size, encoder_input_channels(config.data))
     decoder = modules.decoder
     num_classes = getattr(decoder, "num_classes", 0)
 
@@ -96,11 +108,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, modules: Modules, image_sh
         return sampling.euler_sample(decoder, params["decoder"], noise, latents=latents, label_onehot=onehot,
                                      num_steps=int(config.train.sample_num_steps))
 
-    return sample, (num_classes or int(np.ceil(np.sqrt(count))))
-
-
-def _grid_rows(count: int, rows: int) -> int:
-    return -(-count // rows)
+    rows = num_classes or int(np.ceil(np.sqrt(count)))
+    return sample, -(-count // rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,6 +134,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
     check_batch_divisible(config.data.batch_size, num_devices)
     replicated = jax.NamedSharding(mesh, jax.P())
     batch_sharding = parallel.batch_sharding(mesh)
+    options = parallel.compiler_options(mesh.devices.flat[0].platform)
 
     # --------------------------------------------------------------------------------------------- Model
     modules = build_modules(config)
@@ -135,7 +145,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
 
     # The transfer guard wraps the jitted calls only: an implicit transfer there (a Python scalar fed to the step,
     # a host array in a metric) would stall every step. Timing, logging and checkpointing transfer on purpose.
-    guard = lambda: jax.transfer_guard(config.train.transfer_guard)  # noqa: E731
+    guard = lambda: jax.transfer_guard(config.train.transfer_guard)
     with jax.set_mesh(mesh), checkpoint.Checkpointer(
         workdir / "checkpoints", every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
         async_save=config.checkpoint.async_save,
@@ -148,6 +158,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
             _log_start(config, mesh, state, origin, first_step, last_step)
+        if first_step == 0 and config.objective == "contrastive" and config.train.end_probes:
+            # The untrained encoder's probe accuracies: the baseline the final ones are read against (random
+            # convolutional features already separate easy classes such as the digits).
+            _write_json(workdir / "probes_at_init.json", end_of_training.representation_probes(
+                config, modules, state.params, mesh, weights="initial weights"), is_main)
 
         # ----------------------------------------------------------------------------------------- Input
         batches = data.build_pipeline(config.data, sharding=batch_sharding, source=source, start_step=first_step)
@@ -157,13 +172,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
         # ------------------------------------------------------------------------------------ Update step
         step_fn = make_step(config, StepFunctions(modules, optimizer, batches.to_model_inputs))
         train_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, None),
-                             donate_argnums=0)
+                             donate_argnums=0, compiler_options=options)
         sample_fn = None
         if config.objective == "generation" and config.train.sample_every_steps:
-            image_shape = (config.data.image_size, config.data.image_size,
-                           _image_channels(config))
-            sample, grid_rows = make_sample_fn(config, modules, image_shape)
-            sample_fn = jax.jit(sample, out_shardings=replicated)
+            sample, grid_columns = make_sample_fn(config, modules)
+            sample_fn = jax.jit(sample, out_shardings=replicated, compiler_options=options)
 
         # ------------------------------------------------------------------------------------------ Loop
         writer = report.make_writer(workdir, is_main_process=is_main)
@@ -194,16 +207,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
                     pending = []
                 if sample_fn is not None and (step % config.train.sample_every_steps == 0 or step == last_step):
                     with report_progress.timed("eval"), _timer(progress, "eval"):
-                        _write_samples(sample_fn, state, workdir, step, grid_rows, is_main)
+                        _write_samples(sample_fn, state, workdir, step, grid_columns, is_main)
                 if config.objective == "contrastive" and config.train.sample_every_steps and (
                         step % config.train.sample_every_steps == 0 or step == last_step) and is_main:
                     writer.flush()
                     report.plot_curves(workdir, workdir / "assignment_acc.png",
                                        ("train/assignment_acc", "train/log_loss", "train/ode_error"))
                 preempted = checkpointer.preemption_requested(step)
+                forced = preempted or step == stop_at
                 with report_progress.timed("checkpoint"), _timer(progress, "checkpoint"):
-                    checkpointer.save(step, state, data_state=batches.get_state(),
-                                      force=preempted or step == stop_at)
+                    if forced or not _in_skip_streak(config, state, step):
+                        checkpointer.save(step, state, data_state=batches.get_state(), force=forced)
                 if preempted:
                     if is_main:
                         print(f"preemption at step {step}: checkpoint written, exiting", flush=True)
@@ -217,9 +231,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
         summary = {"step": step, "last_step": last_step, "finished": step >= last_step,
                    "stopped_early": stopped_early, "seconds": round(progress.elapsed(), 1),
                    "skipped_updates": int(jax.device_get(state.skipped_updates)), **logged}
-        if not stopped_early and modules.label_anchors is not None and config.train.accuracy_batch_size > 0:
+        if not stopped_early:
             with _timer(progress, "eval"):
-                summary.update(classification_accuracy(config, modules, state, replicated))
+                summary.update(_end_of_training_checks(config, modules, state, mesh, workdir))
         if is_main:
             report.plot_curves(workdir, workdir / "curves.png")
             text = report.write_summary(workdir, summary)
@@ -228,49 +242,37 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
     return summary
 
 
-def classification_accuracy(config, modules: Modules, state: TrainState, replicated) -> dict[str, Any]:
-    """Accuracy of the EMA model on split ``train.accuracy_split`` in full batches of ``train.accuracy_batch_size``
-    (transductive, alpha 1, uniform weights), with the protocol next to the number. Every host reads the whole
-    split and computes the same predictions on replicated arrays (``replicated``: the mesh's replicated sharding);
-    the split is small next to training (a test split), so this stays simple."""
-    import copy
-
-    from lzn_jax import evaluation
-
-    eval_data = copy.deepcopy(config.data)
-    eval_data.split = config.train.accuracy_split
-    eval_data.augmentation = "none"
-    source = data.build_source(eval_data)
-    batch_size = int(config.train.accuracy_batch_size)
-    num_batches = len(source) // batch_size
-    if num_batches == 0:
-        raise ValueError(f"train.accuracy_batch_size={batch_size} exceeds the {len(source)} examples of split "
-                         f"{eval_data.split!r}")
-    records = [source[i] for i in range(num_batches * batch_size)]
-    images = np.stack([r["image"] for r in records]).reshape(num_batches, batch_size, *records[0]["image"].shape)
-    labels = np.array([r["label"] for r in records]).reshape(num_batches, batch_size)
-
-    @jax.jit
-    def predict(params, rng, batch_images, index):
-        table = modules.label_anchors.apply({"params": params["label_anchors"]})
-        key = jax.random.fold_in(jax.random.fold_in(rng, index), 2)  # apart from training and sampling draws
-        return evaluation.classify(modules.encoder, params["encoder"], table, data.to_float_images(batch_images), key)
-
-    correct = 0
-    for index in range(num_batches):
-        batch_images, batch_index = jax.device_put((images[index], np.int32(index)), replicated)
-        predicted = jax.device_get(predict(state.ema_params, state.rng, batch_images, batch_index))
-        correct += int(np.sum(predicted == labels[index]))
-    count = num_batches * batch_size
-    return {"eval/accuracy": correct / count, "eval/accuracy_protocol":
-            f"EMA weights, split {eval_data.split}, {count} of {len(source)} examples in batches of {batch_size}, "
-            "alpha 1, uniform class weights, DPM-Solver++ 20 + reverse Euler 100, nearest label anchor"}
+def _end_of_training_checks(config, modules: Modules, state: TrainState, mesh,
+                            workdir: pathlib.Path) -> dict[str, Any]:
+    """A joint model's test accuracy; a representation model's k-NN and ridge probe accuracies (when configured),
+    next to those of its untrained encoder when this workdir's run started from fresh weights."""
+    if modules.label_anchors is not None and config.train.accuracy_batch_size > 0:
+        return end_of_training.classification_accuracy(config, modules, state.ema_params, state.rng, mesh)
+    if config.objective == "contrastive" and config.train.end_probes:
+        results = end_of_training.representation_probes(config, modules, state.ema_params, mesh)
+        baseline = workdir / "probes_at_init.json"
+        if baseline.exists():
+            at_init = json.loads(baseline.read_text())
+            results.update({f"{name}_at_init": value for name, value in at_init.items() if name.endswith("accuracy")})
+        return results
+    return {}
 
 
-def _image_channels(config) -> int:
-    from lzn_jax.train.state import encoder_input_channels
+def _write_json(path: pathlib.Path, values: dict[str, Any], is_main: bool) -> None:
+    if is_main:
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(values, indent=1) + "\n")
+        temporary.replace(path)  # whole or absent, never half written
 
-    return encoder_input_channels(config.data)
+
+def _in_skip_streak(config, state: TrainState, step: int) -> bool:
+    """True at a periodic checkpoint step whose update was skipped: that save is left out, so the kept
+    checkpoints stay the last good ones (skipped updates leave the weights as they were, but a save inside a streak
+    would push good checkpoints out of the keep-N window). Preemption and the last step save regardless."""
+    every = int(config.checkpoint.every_steps)
+    if every <= 0 or step % every:
+        return False
+    return int(jax.device_get(state.consecutive_skips)) > 0
 
 
 @contextlib.contextmanager
@@ -300,11 +302,11 @@ def _log_metrics(pending, state: TrainState, writer, progress, step: int, config
     return averaged
 
 
-def _write_samples(sample_fn, state: TrainState, workdir: pathlib.Path, step: int, rows: int, is_main: bool, *,
+def _write_samples(sample_fn, state: TrainState, workdir: pathlib.Path, step: int, columns: int, is_main: bool, *,
                    prefix: str = "samples") -> None:
     images = jax.device_get(sample_fn(state.ema_params, state.rng, state.step))
     if is_main:
-        grid = sampling.image_grid(sampling.to_uint8(images), columns=_grid_rows(images.shape[0], rows))
+        grid = sampling.image_grid(sampling.to_uint8(images), columns=columns)
         report.write_png(workdir / f"{prefix}_{step:07d}.png", grid)
         report.write_png(workdir / f"{prefix}_latest.png", grid)
 

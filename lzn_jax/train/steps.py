@@ -4,7 +4,8 @@ shardings and the state donated), so tests and notebooks can call or trace it as
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -68,8 +68,9 @@ def test_resume_after_sigkill_in_an_async_save_is_bitwise_an_uninterrupted_run(d
 
 def test_a_streak_of_non_finite_updates_stops_the_run_and_keeps_the_last_checkpoint(driver_runs):
     """N resumes a step-3 checkpoint with one NaN parameter: steps 4, 5, 6 are skipped, and the third skip in a row
-    (train.max_consecutive_skips = 3) stops it with TrainingDivergedError. Nothing in the checkpoint directory changes,
-    and the step-3 checkpoint still restores."""
+    (train.max_consecutive_skips = 3) stops it with TrainingDivergedError. Checkpoints are due at every step, yet none
+    is written inside the streak: nothing in the checkpoint directory changes, and the step-3 checkpoint still
+    restores."""
     out, run = driver_runs.out, driver_runs.results["N"]
     assert run.get("error") == "TrainingDivergedError", run
     assert "3 consecutive updates skipped" in run["message"] and "(steps 4-6)" in run["message"], run["message"]

@@ -1,0 +1,127 @@
+"""The checks a training run ends with, each number returned with its protocol next to it.
+
+* ``classification_accuracy``: a joint model's test accuracy (case study 3), transductive as in the paper.
+* ``representation_probes``: weighted k-NN and closed-form ridge accuracy of a representation model's features
+  (case study 2), training split -> test split.
+
+Both read whole splits through ``data.build_eval_pipeline`` (every record once, padding masked out) and encode
+with the EMA weights on the training mesh. They are meant for the small test splits and the fast checks; the
+paper's full metrics (FID, the trained linear probe) are the other modules of this package.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from lzn_jax import data, parallel
+from lzn_jax.evaluation import probes
+from lzn_jax.evaluation.classification import classify
+
+
+def eval_data_config(config: ml_collections.ConfigDict, split: str, batch_size: int) -> ml_collections.ConfigDict:
+    """``config.data`` read once in file order, without augmentation, with the channels the encoder was trained on
+    (two-view digits see the gray channel repeated as RGB)."""
+    from lzn_jax.train.state import encoder_input_channels
+
+    eval_data = copy.deepcopy(config.data)
+    eval_data.num_channels = encoder_input_channels(config.data)
+    eval_data.split = split
+    eval_data.augmentation = "none"
+    eval_data.batch_size = batch_size
+    return eval_data
+
+
+def _jit(fun, mesh: jax.sharding.Mesh, **kwargs):
+    return jax.jit(fun, compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform), **kwargs)
+
+
+def classification_accuracy(config: ml_collections.ConfigDict, modules, params: dict[str, Any], rng: jax.Array,
+                            mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """Accuracy of a joint model on split ``train.accuracy_split`` in global batches of
+    ``train.accuracy_batch_size`` (transductive, alpha 1, uniform class weights).
+
+    Each batch's latents are solved against that batch alone, as the paper does, so the batch size is part of the
+    protocol; the last, partial batch is dropped (the reference's drop_last) and the count says how many were
+    classified. ``params``: the EMA params; ``rng``: the run's key (draws fold in the batch index).
+    """
+    batch_size = int(config.train.accuracy_batch_size)
+    batches = data.build_eval_pipeline(eval_data_config(config, config.train.accuracy_split, batch_size),
+                                       sharding=parallel.batch_sharding(mesh))
+    full_batches = batches.num_examples // batch_size
+    if full_batches == 0:
+        raise ValueError(f"train.accuracy_batch_size={batch_size} exceeds the {batches.num_examples} examples of "
+                         f"split {config.train.accuracy_split!r}; use a batch of at most that size")
+
+    def correct_in(params, rng, batch, index):
+        inputs = batches.to_model_inputs(batch)
+        table = modules.label_anchors.apply({"params": params["label_anchors"]})
+        key = jax.random.fold_in(jax.random.fold_in(rng, index), 2)  # apart from training and sampling draws
+        predicted = classify(modules.encoder, params["encoder"], table, inputs["image"], key)
+        return (predicted == inputs["label"]).sum()
+
+    count = _jit(correct_in, mesh, out_shardings=jax.NamedSharding(mesh, jax.P()))
+    correct = 0
+    for index, batch in enumerate(batches):
+        if index == full_batches:
+            break
+        correct += int(jax.device_get(count(params, rng, batch, np.int32(index))))
+    classified = full_batches * batch_size
+    return {"eval/accuracy": correct / classified, "eval/accuracy_protocol":
+            f"EMA weights, split {config.train.accuracy_split}, {classified} of {batches.num_examples} examples in "
+            f"batches of {batch_size}, alpha 1, uniform class weights, DPM-Solver++ 20 + reverse Euler 100, nearest "
+            "label anchor"}
+
+
+def encode_split(config: ml_collections.ConfigDict, encoder, encoder_params, split: str,
+                 mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray]:
+    """Features (N, F) float32 and labels (N,) of every record of ``split``, on the host, in file order.
+
+    ResNet encoders give their pooled backbone features (what the paper probes); encoders without a backbone
+    output give their anchors. Batches of ``config.data.batch_size`` over the mesh, padding dropped.
+    """
+    batches = data.build_eval_pipeline(eval_data_config(config, split, int(config.data.batch_size)),
+                                       sharding=parallel.batch_sharding(mesh))
+    replicated = jax.NamedSharding(mesh, jax.P())
+
+    def features_of(params, batch):
+        inputs = batches.to_model_inputs(batch)
+        output = encoder.apply({"params": params}, inputs["image"], train=False)
+        features = output.features if hasattr(output, "features") else output
+        return features.astype("float32"), inputs["label"], inputs["mask"]
+
+    encode = _jit(features_of, mesh, out_shardings=replicated)
+    features, labels = [], []
+    for batch in batches:
+        batch_features, batch_labels, mask = jax.device_get(encode(encoder_params, batch))
+        features.append(batch_features[mask])
+        labels.append(batch_labels[mask])
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def representation_probes(config: ml_collections.ConfigDict, modules, params: dict[str, Any],
+                          mesh: jax.sharding.Mesh, *, weights: str = "EMA weights",
+                          knn: probes.KnnOptions = probes.KnnOptions(),
+                          ridge: probes.RidgeOptions = probes.RidgeOptions()) -> dict[str, Any]:
+    """k-NN and ridge accuracy of the encoder's features: fitted on split ``data.split`` (no augmentation),
+    scored on split ``train.accuracy_split``. ``params``: whose encoder to probe (the protocol calls them
+    ``weights``). The classes are the labels seen."""
+    train_features, train_labels = encode_split(config, modules.encoder, params["encoder"], config.data.split, mesh)
+    test_features, test_labels = encode_split(config, modules.encoder, params["encoder"],
+                                              config.train.accuracy_split, mesh)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    where = (f"{weights}, fitted on split {config.data.split} ({len(train_labels)} examples, no augmentation), "
+             f"scored on split {config.train.accuracy_split} ({len(test_labels)}), {train_features.shape[1]}-d "
+             "features")
+    return {
+        "eval/knn_accuracy": probes.knn_accuracy(train_features, train_labels, test_features, test_labels,
+                                                 num_classes=num_classes, options=knn),
+        "eval/knn_protocol": f"{knn.describe()}; {where}",
+        "eval/ridge_accuracy": probes.ridge_accuracy(train_features, train_labels, test_features, test_labels,
+                                                     num_classes=num_classes, options=ridge),
+        "eval/ridge_protocol": f"{ridge.describe()}; {where}",
+    }
