@@ -35,10 +35,10 @@ def _generation_seconds(setting: str, count: int, batch: int) -> tuple[float, fl
     options = evaluate.sampler_options(config, "euler")
     with jax.set_mesh(mesh):
         start = time.perf_counter()
-        evaluate._generated_uint8(config, modules, params, jax.random.key(1), mesh, batch, options)
+        evaluate.generated_uint8(config, modules, params, jax.random.key(1), mesh, batch, options)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        images = evaluate._generated_uint8(config, modules, params, jax.random.key(2), mesh, count, options)
+        images = evaluate.generated_uint8(config, modules, params, jax.random.key(2), mesh, count, options)
         steady = time.perf_counter() - start
     return first, steady, images
 

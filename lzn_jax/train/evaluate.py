@@ -30,7 +30,12 @@ from lzn_jax import checkpoint, data, parallel, sampling
 from lzn_jax.evaluation import classification, end_of_training, reconstruction
 from lzn_jax.evaluation.fid import MetricResult
 from lzn_jax.train import optim, report
-from lzn_jax.train.loop import _write_samples, abstract_train_state, make_sample_fn
+from lzn_jax.train.loop import (
+    _write_samples,
+    abstract_train_state,
+    decoder_conditioning,
+    make_sample_fn,
+)
 from lzn_jax.train.state import Modules, build_modules, encoder_input_channels
 
 logger = logging.getLogger(__name__)
@@ -122,7 +127,7 @@ def accuracy_metrics(config, modules: Modules, params, rng, mesh, *, weights: st
                                               weights=weights)
 
 
-def _generated_uint8(config, modules: Modules, params, rng, mesh, count: int, options: sampling.SamplerOptions):
+def generated_uint8(config, modules: Modules, params, rng, mesh, count: int, options: sampling.SamplerOptions):
     """``count`` generated images, uint8 (count, H, W, 3) on the host, in batches of ``eval.fid_batch_size``
     sharded over the mesh; class-conditional models cycle through the classes."""
     batch_size = int(config.eval.fid_batch_size)
@@ -139,24 +144,15 @@ def _generated_uint8(config, modules: Modules, params, rng, mesh, count: int, op
         noise_key, latent_key = jax.random.split(key)
         noise = jax.random.normal(noise_key, (batch_size, *shape), jnp.float32)
         labels = (first + jnp.arange(batch_size)) % num_classes if num_classes else None
-        latents = None
-        if decoder.latent_dim > 0:
-            prior = jax.random.normal(latent_key, (batch_size, decoder.latent_dim), jnp.float32)
-            if modules.label_anchors is not None:
-                table = modules.label_anchors.apply({"params": params["label_anchors"]})
-                latents = sampling.class_conditional_latents(table, labels, prior)
-            else:
-                latents = prior
-        onehot = jax.nn.one_hot(labels, num_classes) if num_classes else None
-        images = sampling.sample_images(decoder, params["decoder"], noise, latents=latents, label_onehot=onehot,
-                                        options=options).x
-        return sampling.to_uint8(images)
+        latents, onehot = decoder_conditioning(modules, params, labels, latent_key, batch_size)
+        return sampling.sample_images(decoder, params["decoder"], noise, latents=latents, label_onehot=onehot,
+                                      options=options).x
 
     generate = _jit(generate, mesh, out_shardings=rows)
     batches = []
     for index in range(-(-count // batch_size)):
         key = jax.random.fold_in(jax.random.fold_in(rng, 4), index)
-        batches.append(np.asarray(jax.device_get(generate(params, key, np.int32(index * batch_size)))))
+        batches.append(sampling.to_uint8(jax.device_get(generate(params, key, np.int32(index * batch_size)))))
     images = np.concatenate(batches)[:count]
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
@@ -191,7 +187,7 @@ def fid_metrics(config, modules: Modules, params, rng, mesh, inception, *, weigh
                                          name=name)
     results = {}
     for sampler_name in config.eval.samplers:
-        images = _generated_uint8(config, modules, params, rng, mesh, int(config.eval.fid_num_samples),
+        images = generated_uint8(config, modules, params, rng, mesh, int(config.eval.fid_num_samples),
                                   sampler_options(config, sampler_name))
         features = fid.extract_features(images, variables, protocol=protocol,
                                         batch_size=int(config.eval.fid_batch_size))

@@ -80,6 +80,23 @@ def _initial_state(config, modules, optimizer, replicated, abstract, checkpointe
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def decoder_conditioning(modules: Modules, params, labels: jax.Array | None, latent_key: jax.Array,
+                         count: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """What the decoder is conditioned on when generating ``count`` images: ``(latents (count, D) or None, one-hot
+    labels (count, C) or None)``. Latents are z ~ N(0, I) from ``latent_key``, moved into the zones of ``labels``
+    by the forward label flow when the model has label anchors; the rectified-flow baseline has none."""
+    decoder = modules.decoder
+    num_classes = getattr(decoder, "num_classes", 0)
+    onehot = jax.nn.one_hot(labels, num_classes) if num_classes else None
+    if decoder.latent_dim == 0:
+        return None, onehot
+    prior = jax.random.normal(latent_key, (count, decoder.latent_dim), jnp.float32)
+    if modules.label_anchors is None:
+        return prior, onehot
+    table = modules.label_anchors.apply({"params": params["label_anchors"]})
+    return sampling.class_conditional_latents(table, labels, prior), onehot
+
+
 def make_sample_fn(config: ml_collections.ConfigDict, modules: Modules):
     """``(ema_params, rng, step) -> images`` in [-1, 1] for the grid, and the grid's column count.
 
@@ -96,15 +113,7 @@ def make_sample_fn(config: ml_collections.ConfigDict, modules: Modules):
         noise_key, latent_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(rng, step), 1))
         noise = jax.random.normal(noise_key, (count, *image_shape), jnp.float32)
         labels = jnp.arange(count) * num_classes // count if num_classes else None
-        onehot = jax.nn.one_hot(labels, num_classes) if num_classes else None
-        latents = None
-        if decoder.latent_dim > 0:
-            prior = jax.random.normal(latent_key, (count, decoder.latent_dim), jnp.float32)
-            if modules.label_anchors is not None:
-                table = modules.label_anchors.apply({"params": params["label_anchors"]})
-                latents = sampling.class_conditional_latents(table, labels, prior)
-            else:
-                latents = prior
+        latents, onehot = decoder_conditioning(modules, params, labels, latent_key, count)
         return sampling.euler_sample(decoder, params["decoder"], noise, latents=latents, label_onehot=onehot,
                                      num_steps=int(config.train.sample_num_steps))
 

@@ -83,3 +83,19 @@ def test_eval_of_a_representation_model_runs_the_probes(tmp_path):
 def test_eval_of_an_empty_workdir_says_to_train_first(tmp_path):
     with pytest.raises(FileNotFoundError, match="train first"):
         evaluate.evaluate(tiny.joint(), tmp_path)
+
+
+def test_generated_images_for_fid_are_distinct_uint8_rgb(tmp_path):
+    """The FID path's sampler (the Inception network itself is tested in tests/evaluation): ``count`` images over
+    several batches (each batch its own draw), gray digits repeated to RGB."""
+    config = tiny.joint()
+    config.eval.fid_batch_size = 4
+    config.eval.euler_steps = 2
+    modules, state = _checkpointed(config, tmp_path)
+    mesh = parallel.data_mesh(1)
+    options = evaluate.sampler_options(config, "euler")
+    with jax.set_mesh(mesh):
+        images = evaluate.generated_uint8(config, modules, state.ema_params, state.rng, mesh, 6, options)
+    assert images.shape == (6, 8, 8, 3) and images.dtype == "uint8"
+    assert (images[..., 0] == images[..., 2]).all()
+    assert len({images[i].tobytes() for i in range(6)}) == 6
