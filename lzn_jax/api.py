@@ -442,9 +442,7 @@ def _build_classify(modules: Modules):
             return classification.classify(modules.encoder, params["encoder"], table, _model_inputs(images), rng,
                                            prior_scale=prior_scale)
         latents = _latents(modules, params, images, rng, prior_scale, context)
-        endpoints = zoning.assign_targets(latents, table, jnp.zeros(latents.shape[0], jnp.int32),
-                                          options=classification.LABEL_FLOW_OPTIONS).endpoints
-        return classification.nearest_label(endpoints, table)
+        return classification.decode_labels(latents, table)
 
     return classify_fn
 

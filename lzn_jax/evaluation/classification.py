@@ -27,8 +27,25 @@ def nearest_label(endpoints: jax.Array, label_table: jax.Array) -> jax.Array:
     return jnp.argmin(distances, axis=-1)
 
 
-def classify(
-    encoder,
+def eval_anchors(encoder, encoder_params, images: jax.Array) -> jax.Array:
+    """Anchors (B, D) float32 of ``images`` (B, H, W, C) in [-1, 1], the encoder in evaluation mode (a ResNet gives
+    its head's output, not its backbone features)."""
+    output = encoder.apply({"params": encoder_params}, images, train=False)
+    return (output.anchors if hasattr(output, "anchors") else output).astype(jnp.float32)
+
+
+def decode_labels(latents: jax.Array, label_table: jax.Array, *, log_weights: jax.Array | None = None,
+                  options: zoning.SolverOptions = LABEL_FLOW_OPTIONS) -> jax.Array:
+    """Classes (B,) of latents (B, D): the reverse label flow over the label anchors (C, D), weighted by
+    ``log_weights`` (C,) if given (uniform otherwise), then the nearest label anchor. Only the end points are used,
+    so the recorded targets are arbitrary (zeros)."""
+    endpoints = zoning.assign_targets(
+        latents, label_table, jnp.zeros(latents.shape[0], jnp.int32), log_weights=log_weights, options=options
+    ).endpoints
+    return nearest_label(endpoints, label_table)
+
+
+def classify(    encoder,
     encoder_params,
     label_table: jax.Array,
     images: jax.Array,
@@ -44,14 +61,10 @@ def classify(
     ``prior_scale * N(0, I)`` from ``key``; the reverse label flow uses uniform class weights (the paper's
     test-time setting).
     """
-    anchors = encoder.apply({"params": encoder_params}, images, train=False)
-    anchors = (anchors.anchors if hasattr(anchors, "anchors") else anchors).astype(jnp.float32)
+    anchors = eval_anchors(encoder, encoder_params, images)
     noise = prior_scale * jax.random.normal(key, anchors.shape, jnp.float32)
     latents = zoning.compute_latents(anchors, noise, options=latent_options)
-    endpoints = zoning.assign_targets(
-        latents, label_table, jnp.zeros(latents.shape[0], jnp.int32), options=label_options
-    ).endpoints
-    return nearest_label(endpoints, label_table)
+    return decode_labels(latents, label_table, options=label_options)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -60,22 +73,6 @@ def classify(
 
 # The reference's tunable-std metric: these prior scales alpha, each with and without class weights.
 DEFAULT_PRIOR_SCALES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2)
-
-
-def _anchors_of(encoder, encoder_params, images: jax.Array) -> jax.Array:
-    """Anchors (B, D) float32 of ``images``, as :func:`classify` computes them (evaluation mode)."""
-    anchors = encoder.apply({"params": encoder_params}, images, train=False)
-    return (anchors.anchors if hasattr(anchors, "anchors") else anchors).astype(jnp.float32)
-
-
-def _decode(latents: jax.Array, label_table: jax.Array, log_weights: jax.Array | None,
-            label_options: zoning.SolverOptions) -> jax.Array:
-    """Classes (B,) of latents (B, D): reverse label flow (weighted by ``log_weights`` (C,) if given), then the
-    nearest label anchor. Only the end points are used, so the recorded targets are arbitrary (zeros)."""
-    endpoints = zoning.assign_targets(
-        latents, label_table, jnp.zeros(latents.shape[0], jnp.int32), log_weights=log_weights, options=label_options
-    ).endpoints
-    return nearest_label(endpoints, label_table)
 
 
 def classify_with_class_weights(
@@ -96,10 +93,11 @@ def classify_with_class_weights(
     The test batch's class proportions thus leak into the prediction (a class absent from the batch can never be
     predicted); report it only beside the uniform-weight accuracy (docs/differences.md, item 12).
     """
-    anchors = _anchors_of(encoder, encoder_params, images)
+    anchors = eval_anchors(encoder, encoder_params, images)
     noise = prior_scale * jax.random.normal(key, anchors.shape, jnp.float32)
     latents = zoning.compute_latents(anchors, noise, options=latent_options)
-    return _decode(latents, label_table, zoning.class_log_weights(labels, label_table.shape[0]), label_options)
+    return decode_labels(latents, label_table, log_weights=zoning.class_log_weights(labels, label_table.shape[0]),
+                         options=label_options)
 
 
 class PriorScaleSweep(NamedTuple):
@@ -133,14 +131,15 @@ def classify_prior_scales(
     every latent at its zone's centre ``(1 - eps) * anchor``. The encoder runs once for all alphas. With ``labels``
     (B,) the class-weighted variant (:func:`classify_with_class_weights`) is computed from the same latents.
     """
-    anchors = _anchors_of(encoder, encoder_params, images)
+    anchors = eval_anchors(encoder, encoder_params, images)
     draw = jax.random.normal(key, anchors.shape, jnp.float32)
     log_weights = None if labels is None else zoning.class_log_weights(labels, label_table.shape[0])
 
     def at_scale(prior_scale: jax.Array):
         latents = zoning.compute_latents(anchors, prior_scale * draw, options=latent_options)
-        uniform = _decode(latents, label_table, None, label_options)
-        weighted = uniform if log_weights is None else _decode(latents, label_table, log_weights, label_options)
+        uniform = decode_labels(latents, label_table, options=label_options)
+        weighted = uniform if log_weights is None else decode_labels(latents, label_table, log_weights=log_weights,
+                                                                     options=label_options)
         return uniform, weighted
 
     # One alpha at a time (a scan): the flows compile once, not once per alpha.

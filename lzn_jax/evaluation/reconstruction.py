@@ -17,11 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lzn_jax import sampling, zoning
+from lzn_jax.evaluation.classification import IMAGE_LATENT_OPTIONS, eval_anchors
 from lzn_jax.evaluation.fid import MetricResult
 from lzn_jax.objectives.latents import latents_of
-
-# The reference's image latent flow for this metric: DPM-Solver++(3M), 20 steps, prior scale 1.
-IMAGE_LATENT_OPTIONS = zoning.SolverOptions(solver="dpm_solver++", num_steps=20)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +40,7 @@ class ReconstructionOptions:
 
     sampler: sampling.SamplerOptions = sampling.EULER
     num_draws: int = 20
-    latent_options: zoning.SolverOptions = IMAGE_LATENT_OPTIONS
+    latent_options: zoning.SolverOptions = IMAGE_LATENT_OPTIONS  # the classifier's: DPM-Solver++(3M), 20 steps
     prior_scale: float = 1.0
     remove_image_part: bool | None = None
 
@@ -84,12 +82,6 @@ def _one_hot(decoder, labels: jax.Array | None) -> jax.Array | None:
         raise ValueError(f"the decoder is class-conditional ({num_classes} classes): pass the images' labels, which "
                          "the reference uses for both inversion and regeneration")
     return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-
-
-def _anchors(encoder, encoder_params, images: jax.Array) -> jax.Array:
-    """Anchors (B, D) float32 of the images, encoder in evaluation mode (a ResNet gives its head's output)."""
-    output = encoder.apply({"params": encoder_params}, images, train=False)
-    return (output.anchors if hasattr(output, "anchors") else output).astype(jnp.float32)
 
 
 def _round_trip(decoder, decoder_params, images: jax.Array, latents: jax.Array | None,
@@ -140,7 +132,7 @@ def reconstruction_distances(
         distances, nfe = _round_trip(decoder, decoder_params, images, None, label_onehot, options)
         return Reconstructions(distances[None], nfe[None])
 
-    anchors = _anchors(encoder, encoder_params, images)
+    anchors = eval_anchors(encoder, encoder_params, images)
 
     def one_draw(draw: jax.Array) -> tuple[jax.Array, jax.Array]:
         noise = options.prior_scale * jax.random.normal(jax.random.fold_in(key, draw), anchors.shape, jnp.float32)
