@@ -12,7 +12,7 @@ paper's full metrics (FID, the trained linear probe) are the other modules of th
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -36,20 +36,17 @@ def eval_data_config(config: ml_collections.ConfigDict, split: str, batch_size: 
     return eval_data
 
 
-def _jit(fun, mesh: jax.sharding.Mesh, **kwargs):
-    return jax.jit(fun, compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform), **kwargs)
 
+def count_over_full_batches(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, params: Any, rng: jax.Array,
+                            batch_size: int, count_in) -> tuple[Any, int, int]:
+    """Sums ``count_in(params, inputs, key)`` (a pytree of int counts) over the full batches of split
+    ``train.accuracy_split``, the transductive protocol of the paper's accuracies.
 
-def classification_accuracy(config: ml_collections.ConfigDict, modules, params: dict[str, Any], rng: jax.Array,
-                            mesh: jax.sharding.Mesh) -> dict[str, Any]:
-    """Accuracy of a joint model on split ``train.accuracy_split`` in global batches of
-    ``train.accuracy_batch_size`` (transductive, alpha 1, uniform class weights).
-
-    Each batch's latents are solved against that batch alone, as the paper does, so the batch size is part of the
-    protocol; the last, partial batch is dropped (the reference's drop_last) and the count says how many were
-    classified. ``params``: the EMA params; ``rng``: the run's key (draws fold in the batch index).
+    Each batch's latents are solved against that batch alone, so the batch size is part of the protocol; the last,
+    partial batch is dropped (the reference's drop_last). Batch ``s`` draws from ``fold_in(fold_in(rng, s), 2)``,
+    apart from the training and sampling draws. Returns ``(summed counts on the host, images classified, images in
+    the split)``.
     """
-    batch_size = int(config.train.accuracy_batch_size)
     batches = data.build_eval_pipeline(eval_data_config(config, config.train.accuracy_split, batch_size),
                                        sharding=parallel.batch_sharding(mesh))
     full_batches = batches.num_examples // batch_size
@@ -57,22 +54,35 @@ def classification_accuracy(config: ml_collections.ConfigDict, modules, params: 
         raise ValueError(f"train.accuracy_batch_size={batch_size} exceeds the {batches.num_examples} examples of "
                          f"split {config.train.accuracy_split!r}; use a batch of at most that size")
 
-    def correct_in(params, rng, batch, index):
-        inputs = batches.to_model_inputs(batch)
-        table = modules.label_anchors.apply({"params": params["label_anchors"]})
-        key = jax.random.fold_in(jax.random.fold_in(rng, index), 2)  # apart from training and sampling draws
-        predicted = classify(modules.encoder, params["encoder"], table, inputs["image"], key)
-        return (predicted == inputs["label"]).sum()
+    def counts(params, rng, batch, index):
+        key = jax.random.fold_in(jax.random.fold_in(rng, index), 2)
+        return count_in(params, batches.to_model_inputs(batch), key)
 
-    count = _jit(correct_in, mesh, out_shardings=jax.NamedSharding(mesh, jax.P()))
-    correct = 0
+    jitted = parallel.jit_for_mesh(counts, mesh, out_shardings=jax.NamedSharding(mesh, jax.P()))
+    total = None
     for index, batch in enumerate(batches):
         if index == full_batches:
             break
-        correct += int(jax.device_get(count(params, rng, batch, np.int32(index))))
-    classified = full_batches * batch_size
-    return {"eval/accuracy": correct / classified, "eval/accuracy_protocol":
-            f"EMA weights, split {config.train.accuracy_split}, {classified} of {batches.num_examples} examples in "
+        batch_counts = jax.device_get(jitted(params, rng, batch, np.int32(index)))
+        total = batch_counts if total is None else jax.tree.map(np.add, total, batch_counts)
+    return total, full_batches * batch_size, batches.num_examples
+
+
+def classification_accuracy(config: ml_collections.ConfigDict, modules, params: dict[str, Any], rng: jax.Array,
+                            mesh: jax.sharding.Mesh) -> dict[str, Any]:
+    """Accuracy of a joint model on split ``train.accuracy_split`` in full global batches of
+    ``train.accuracy_batch_size`` (transductive, alpha 1, uniform class weights; :func:`count_over_full_batches`).
+    ``params``: the EMA params; ``rng``: the run's key."""
+    batch_size = int(config.train.accuracy_batch_size)
+
+    def correct_in(params, inputs, key):
+        table = modules.label_anchors.apply({"params": params["label_anchors"]})
+        predicted = classify(modules.encoder, params["encoder"], table, inputs["image"], key)
+        return (predicted == inputs["label"]).sum()
+
+    correct, classified, count = count_over_full_batches(config, mesh, params, rng, batch_size, correct_in)
+    return {"eval/accuracy": int(correct) / classified, "eval/accuracy_protocol":
+            f"EMA weights, split {config.train.accuracy_split}, {classified} of {count} examples in "
             f"batches of {batch_size}, alpha 1, uniform class weights, DPM-Solver++ 20 + reverse Euler 100, nearest "
             "label anchor"}
 
@@ -94,7 +104,7 @@ def encode_split(config: ml_collections.ConfigDict, encoder, encoder_params, spl
         features = output.features if hasattr(output, "features") else output
         return features.astype("float32"), inputs["label"], inputs["mask"]
 
-    encode = _jit(features_of, mesh, out_shardings=replicated)
+    encode = parallel.jit_for_mesh(features_of, mesh, out_shardings=replicated)
     features, labels = [], []
     for batch in batches:
         batch_features, batch_labels, mask = jax.device_get(encode(encoder_params, batch))
@@ -103,25 +113,47 @@ def encode_split(config: ml_collections.ConfigDict, encoder, encoder_params, spl
     return np.concatenate(features), np.concatenate(labels)
 
 
+class SplitFeatures(NamedTuple):
+    """Encoder features of the fitting split (``data.split``) and of the scoring split (``train.accuracy_split``):
+    features (N, F) float32 and labels (N,), on the host."""
+
+    train_features: np.ndarray
+    train_labels: np.ndarray
+    test_features: np.ndarray
+    test_labels: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        """The classes are the labels seen."""
+        return int(max(self.train_labels.max(), self.test_labels.max())) + 1
+
+
+def split_features(config: ml_collections.ConfigDict, encoder, encoder_params,
+                   mesh: jax.sharding.Mesh) -> SplitFeatures:
+    """:func:`encode_split` of the fitting and the scoring split: what every probe reads."""
+    train = encode_split(config, encoder, encoder_params, config.data.split, mesh)
+    test = encode_split(config, encoder, encoder_params, config.train.accuracy_split, mesh)
+    return SplitFeatures(*train, *test)
+
+
 def representation_probes(config: ml_collections.ConfigDict, modules, params: dict[str, Any],
                           mesh: jax.sharding.Mesh, *, weights: str = "EMA weights",
+                          features: SplitFeatures | None = None,
                           knn: probes.KnnOptions = probes.KnnOptions(),
                           ridge: probes.RidgeOptions = probes.RidgeOptions()) -> dict[str, Any]:
     """k-NN and ridge accuracy of the encoder's features: fitted on split ``data.split`` (no augmentation),
     scored on split ``train.accuracy_split``. ``params``: whose encoder to probe (the protocol calls them
-    ``weights``). The classes are the labels seen."""
-    train_features, train_labels = encode_split(config, modules.encoder, params["encoder"], config.data.split, mesh)
-    test_features, test_labels = encode_split(config, modules.encoder, params["encoder"],
-                                              config.train.accuracy_split, mesh)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    where = (f"{weights}, fitted on split {config.data.split} ({len(train_labels)} examples, no augmentation), "
-             f"scored on split {config.train.accuracy_split} ({len(test_labels)}), {train_features.shape[1]}-d "
-             "features")
+    ``weights``); ``features``: their :func:`split_features` when the caller has them already."""
+    if features is None:
+        features = split_features(config, modules.encoder, params["encoder"], mesh)
+    train_x, train_y, test_x, test_y = features
+    where = (f"{weights}, fitted on split {config.data.split} ({len(train_y)} examples, no augmentation), "
+             f"scored on split {config.train.accuracy_split} ({len(test_y)}), {train_x.shape[1]}-d features")
     return {
-        "eval/knn_accuracy": probes.knn_accuracy(train_features, train_labels, test_features, test_labels,
-                                                 num_classes=num_classes, options=knn),
+        "eval/knn_accuracy": probes.knn_accuracy(train_x, train_y, test_x, test_y,
+                                                 num_classes=features.num_classes, options=knn),
         "eval/knn_protocol": f"{knn.describe()}; {where}",
-        "eval/ridge_accuracy": probes.ridge_accuracy(train_features, train_labels, test_features, test_labels,
-                                                     num_classes=num_classes, options=ridge),
+        "eval/ridge_accuracy": probes.ridge_accuracy(train_x, train_y, test_x, test_y,
+                                                     num_classes=features.num_classes, options=ridge),
         "eval/ridge_protocol": f"{ridge.describe()}; {where}",
     }

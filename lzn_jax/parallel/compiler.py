@@ -19,3 +19,8 @@ def compiler_options(platform: str | None = None) -> dict[str, str] | None:
     platform = platform or jax.default_backend()
     return dict(CPU_OPTIONS) if platform == "cpu" else None
 
+
+
+def jit_for_mesh(fun, mesh: jax.sharding.Mesh, **jit_kwargs):
+    """``jax.jit(fun, **jit_kwargs)`` with the :func:`compiler_options` of the platform of ``mesh``'s devices."""
+    return jax.jit(fun, compiler_options=compiler_options(mesh.devices.flat[0].platform), **jit_kwargs)

@@ -15,7 +15,6 @@ curves of training are redrawn.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import time
@@ -51,9 +50,6 @@ def sampler_options(config: ml_collections.ConfigDict, name: str) -> sampling.Sa
     raise ValueError(f"config.eval.samplers holds {name!r}; use 'euler' or 'dopri5'")
 
 
-def _jit(fun, mesh, **kwargs):
-    return jax.jit(fun, compiler_options=parallel.compiler_options(mesh.devices.flat[0].platform), **kwargs)
-
 
 def _first_images(config, split: str, count: int) -> dict[str, np.ndarray]:
     """The first ``count`` records of ``split`` (file order, no augmentation) as host arrays: uint8 images, labels."""
@@ -87,7 +83,7 @@ def reconstruction_metrics(config, modules: Modules, params, rng, mesh, *, weigh
                 encoder_params=params.get("encoder"), labels=labels if conditional else None, options=options)
 
         key = jax.random.fold_in(rng, 3)  # apart from training, sampling and accuracy draws
-        output = _jit(distances, mesh)(params, images, labels, key)
+        output = parallel.jit_for_mesh(distances, mesh)(params, images, labels, key)
         result = reconstruction.reconstruction_result(
             output, options, weights=weights, has_latent=modules.encoder is not None,
             labels="true class" if conditional else "none")
@@ -100,31 +96,16 @@ def accuracy_metrics(config, modules: Modules, params, rng, mesh, *, weights: st
     empty), uniform and batch-label class weights, in full batches of ``train.accuracy_batch_size``."""
     batch_size = int(config.train.accuracy_batch_size) or int(config.data.batch_size)
     scales = tuple(float(a) for a in config.eval.accuracy_prior_scales) or (1.0,)
-    eval_data = end_of_training.eval_data_config(config, config.train.accuracy_split, batch_size)
-    batches = data.build_eval_pipeline(eval_data, sharding=parallel.batch_sharding(mesh))
-    full_batches = batches.num_examples // batch_size
-    if full_batches == 0:
-        raise ValueError(f"train.accuracy_batch_size={batch_size} exceeds the {batches.num_examples} examples of "
-                         f"split {config.train.accuracy_split!r}")
 
-    def correct_in(params, batch, index):
-        inputs = batches.to_model_inputs(batch)
+    def correct_in(params, inputs, key):  # the keys of the end-of-training accuracy: alpha 1 gives its number
         table = modules.label_anchors.apply({"params": params["label_anchors"]})
-        key = jax.random.fold_in(jax.random.fold_in(rng, index), 2)  # the end-of-training accuracy's keys
         sweep = classification.classify_prior_scales(modules.encoder, params["encoder"], table, inputs["image"],
                                                      key, prior_scales=scales, labels=inputs["label"])
         return classification.count_correct(sweep, inputs["label"])
 
-    count = _jit(correct_in, mesh, out_shardings=jax.NamedSharding(mesh, jax.P()))
-    total = None
-    for index, batch in enumerate(batches):
-        if index == full_batches:
-            break
-        counts = jax.device_get(count(params, batch, np.int32(index)))
-        total = counts if total is None else jax.tree.map(np.add, total, counts)
-    return classification.prior_scale_results(total, full_batches * batch_size, prior_scales=scales,
-                                              batch_size=batch_size, split=config.train.accuracy_split,
-                                              weights=weights)
+    total, classified, _ = end_of_training.count_over_full_batches(config, mesh, params, rng, batch_size, correct_in)
+    return classification.prior_scale_results(total, classified, prior_scales=scales, batch_size=batch_size,
+                                              split=config.train.accuracy_split, weights=weights)
 
 
 def generated_uint8(config, modules: Modules, params, rng, mesh, count: int, options: sampling.SamplerOptions):
@@ -148,7 +129,7 @@ def generated_uint8(config, modules: Modules, params, rng, mesh, count: int, opt
         return sampling.sample_images(decoder, params["decoder"], noise, latents=latents, label_onehot=onehot,
                                       options=options).x
 
-    generate = _jit(generate, mesh, out_shardings=rows)
+    generate = parallel.jit_for_mesh(generate, mesh, out_shardings=rows)
     batches = []
     for index in range(-(-count // batch_size)):
         key = jax.random.fold_in(jax.random.fold_in(rng, 4), index)
@@ -203,24 +184,25 @@ def probe_metrics(config, modules: Modules, params, mesh, workdir: pathlib.Path,
     """k-NN and ridge probes (``eval.probes``) and the trained linear probe (``eval.linear_probe_epochs``) of a
     representation model's features, fitted on ``data.split`` and scored on ``train.accuracy_split``."""
     results = {}
+    epochs = int(config.eval.linear_probe_epochs)
+    if not config.eval.probes and epochs <= 0:
+        return results
+    # Encoded once for every probe below.
+    features = end_of_training.split_features(config, modules.encoder, params["encoder"], mesh)
     if config.eval.probes:
-        values = end_of_training.representation_probes(config, modules, params, mesh, weights=f"{weights} weights")
+        values = end_of_training.representation_probes(config, modules, params, mesh, weights=f"{weights} weights",
+                                                       features=features)
         for metric in ("knn", "ridge"):
             results[f"{metric}_accuracy"] = MetricResult(f"{metric}_accuracy", values[f"eval/{metric}_accuracy"],
                                                          {"protocol": values[f"eval/{metric}_protocol"]})
-    epochs = int(config.eval.linear_probe_epochs)
     if epochs > 0:
         from lzn_jax.evaluation import linear_probe
 
-        train_x, train_y = end_of_training.encode_split(config, modules.encoder, params["encoder"], config.data.split,
-                                                        mesh)
-        val_x, val_y = end_of_training.encode_split(config, modules.encoder, params["encoder"],
-                                                    config.train.accuracy_split, mesh)
+        train_x, train_y, val_x, val_y = features
         options = linear_probe.LinearProbeOptions(
             learning_rate=float(config.eval.linear_probe_learning_rate), num_epochs=epochs,
             batch_size=min(int(config.eval.linear_probe_batch_size), len(train_y)))
-        num_classes = int(max(train_y.max(), val_y.max())) + 1
-        probe = linear_probe.train_linear_probe(train_x, train_y, val_x, val_y, num_classes=num_classes,
+        probe = linear_probe.train_linear_probe(train_x, train_y, val_x, val_y, num_classes=features.num_classes,
                                                 key=jax.random.key(int(config.seed)), options=options, mesh=mesh)
         last = probe.history[-1]
         protocol = {"probe": probe.protocol, "weights": weights}
@@ -291,7 +273,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
 
         if config.objective == "generation":
             sample, columns = make_sample_fn(config, modules)
-            sample_fn = _jit(sample, mesh, out_shardings=replicated)
+            sample_fn = parallel.jit_for_mesh(sample, mesh, out_shardings=replicated)
             # The grid draws from the params chosen above (EMA or raw), like every other number here.
             grid_state = state.replace(ema_params=params)
             _write_samples(sample_fn, grid_state, workdir, step, columns, is_main, prefix="eval_samples")
@@ -310,9 +292,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> 
               "metrics": {name: result.as_dict() for name, result in results.items()}}
     if is_main:
         path = workdir / f"eval_{step:07d}.json"
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(output, indent=1, default=str) + "\n")
-        temporary.replace(path)
+        report.write_json(path, output)
         report.plot_curves(workdir, workdir / "curves.png")
         for name, result in results.items():
             print(f"  {name:<40} {result.value:.4g}", flush=True)

@@ -143,7 +143,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
     check_batch_divisible(config.data.batch_size, num_devices)
     replicated = jax.NamedSharding(mesh, jax.P())
     batch_sharding = parallel.batch_sharding(mesh)
-    options = parallel.compiler_options(mesh.devices.flat[0].platform)
 
     # --------------------------------------------------------------------------------------------- Model
     modules = build_modules(config)
@@ -170,8 +169,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
         if first_step == 0 and config.objective == "contrastive" and config.train.end_probes:
             # The untrained encoder's probe accuracies: the baseline the final ones are read against (random
             # convolutional features already separate easy classes such as the digits).
-            _write_json(workdir / "probes_at_init.json", end_of_training.representation_probes(
-                config, modules, state.params, mesh, weights="initial weights"), is_main)
+            at_init = end_of_training.representation_probes(config, modules, state.params, mesh,
+                                                            weights="initial weights")
+            if is_main:
+                report.write_json(workdir / "probes_at_init.json", at_init)
 
         # ----------------------------------------------------------------------------------------- Input
         batches = data.build_pipeline(config.data, sharding=batch_sharding, source=source, start_step=first_step)
@@ -180,12 +181,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
 
         # ------------------------------------------------------------------------------------ Update step
         step_fn = make_step(config, StepFunctions(modules, optimizer, batches.to_model_inputs))
-        train_step = jax.jit(step_fn, in_shardings=(replicated, batch_sharding), out_shardings=(replicated, None),
-                             donate_argnums=0, compiler_options=options)
+        train_step = parallel.jit_for_mesh(step_fn, mesh, in_shardings=(replicated, batch_sharding),
+                                           out_shardings=(replicated, None), donate_argnums=0)
         sample_fn = None
         if config.objective == "generation" and config.train.sample_every_steps:
             sample, grid_columns = make_sample_fn(config, modules)
-            sample_fn = jax.jit(sample, out_shardings=replicated, compiler_options=options)
+            sample_fn = parallel.jit_for_mesh(sample, mesh, out_shardings=replicated)
 
         # ------------------------------------------------------------------------------------------ Loop
         writer = report.make_writer(workdir, is_main_process=is_main)
@@ -265,13 +266,6 @@ def _end_of_training_checks(config, modules: Modules, state: TrainState, mesh,
             results.update({f"{name}_at_init": value for name, value in at_init.items() if name.endswith("accuracy")})
         return results
     return {}
-
-
-def _write_json(path: pathlib.Path, values: dict[str, Any], is_main: bool) -> None:
-    if is_main:
-        temporary = path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(values, indent=1) + "\n")
-        temporary.replace(path)  # whole or absent, never half written
 
 
 def _in_skip_streak(config, state: TrainState, step: int) -> bool:

@@ -179,6 +179,15 @@ def plot_curves(workdir: pathlib.Path, path: pathlib.Path, names: tuple[str, ...
     return names
 
 
+def write_json(path: pathlib.Path, values: Any) -> None:
+    """``values`` as indented JSON in ``path``, whole or not at all: written beside it, then renamed into place (a
+    run killed mid-write leaves the previous file, never half of one)."""
+    path = pathlib.Path(path)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    temporary.write_text(json.dumps(values, indent=1, default=str) + "\n")
+    temporary.replace(path)
+
+
 def write_summary(workdir: pathlib.Path, summary: dict[str, Any]) -> str:
     """Writes ``summary.json`` and returns a short human-readable version of it."""
     (pathlib.Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
