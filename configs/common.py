@@ -147,6 +147,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval.linear_probe_epochs = 0
     config.eval.linear_probe_batch_size = 8192
     config.eval.linear_probe_learning_rate = 3e-4
+    # Train the linear probe on one freshly augmented view per training image every epoch (the training
+    # augmentation, data.augmentation) instead of fixed unaugmented features. Costs an encoder pass per epoch.
+    config.eval.linear_probe_augment = False
 
     config.train = ml_collections.ConfigDict()
     # A non-finite loss or gradient norm skips the update; this many skips in a row stop the run.

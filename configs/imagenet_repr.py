@@ -56,6 +56,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # The k-NN and ridge probes hold every feature on the host: off at this size.
     config.eval.probes = False
     config.eval.linear_probe_epochs = 300
+    # The paper's main probe is trained with data augmentation (its Fig. 19 ablation without): one augmented view
+    # per image and epoch (the reference's own loader hands the probe both views at once and cannot run).
+    config.eval.linear_probe_augment = True
 
     if "smoke" in variants:
         common.apply_smoke(config, image_size=32)

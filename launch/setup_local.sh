@@ -22,7 +22,8 @@ find_python() {
   if command -v pyenv >/dev/null 2>&1; then roots+=("$(pyenv root)"); fi
   roots+=("$HOME/.pyenv")
   for root in "${roots[@]}"; do
-    # Newest first, so 3.13 wins over 3.12 when both are there.
+    # Newest first, so 3.13 wins over 3.12 when both are there (pyenv's version folders have plain names).
+    # shellcheck disable=SC2012
     for candidate in $(ls -d "$root"/versions/3.* 2>/dev/null | sort -rV); do
       if [ -x "$candidate/bin/python" ] && is_recent_python "$candidate/bin/python"; then
         echo "$candidate/bin/python"; return 0

@@ -12,6 +12,7 @@ paper's full metrics (FID, the trained linear probe) are the other modules of th
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -23,17 +24,28 @@ from lzn_jax.evaluation import probes
 from lzn_jax.evaluation.classification import classify
 
 
-def eval_data_config(config: ml_collections.ConfigDict, split: str, batch_size: int) -> ml_collections.ConfigDict:
-    """``config.data`` read once in file order, without augmentation, with the channels the encoder was trained on
-    (two-view digits see the gray channel repeated as RGB)."""
+def eval_data_config(config: ml_collections.ConfigDict, split: str, batch_size: int, *,
+                     augmentation_seed: int | None = None) -> ml_collections.ConfigDict:
+    """``config.data`` read once in file order with the channels the encoder was trained on (two-view digits see the
+    gray channel repeated as RGB): without augmentation, or, given ``augmentation_seed``, with the training
+    augmentation drawn from that seed (record ``r`` of batch ``s`` draws from ``example_rng(seed, s, r)``)."""
     from lzn_jax.train.state import encoder_input_channels
 
     eval_data = copy.deepcopy(config.data)
     eval_data.num_channels = encoder_input_channels(config.data)
     eval_data.split = split
-    eval_data.augmentation = "none"
+    if augmentation_seed is None:
+        eval_data.augmentation = "none"
+    else:
+        eval_data.seed = int(augmentation_seed)
     eval_data.batch_size = batch_size
     return eval_data
+
+
+def augmentation_seed(config: ml_collections.ConfigDict, epoch: int) -> int:
+    """The data seed of the augmented pass number ``epoch`` (0, 1, ...): apart from the training order's seed and
+    from every other epoch's."""
+    return int(np.random.SeedSequence([int(config.data.seed), 0x9E0B, int(epoch)]).generate_state(1)[0])
 
 
 
@@ -87,30 +99,65 @@ def classification_accuracy(config: ml_collections.ConfigDict, modules, params: 
             "label anchor"}
 
 
+def _split_batches(config: ml_collections.ConfigDict, split: str, mesh: jax.sharding.Mesh,
+                   augmentation_seed: int | None):
+    eval_data = eval_data_config(config, split, int(config.data.batch_size), augmentation_seed=augmentation_seed)
+    return data.build_eval_pipeline(eval_data, sharding=parallel.batch_sharding(mesh))
+
+
+def _feature_program(encoder, to_model_inputs, mesh: jax.sharding.Mesh):
+    """``(encoder params, batch) -> (features (B, F) float32, labels (B,), mask (B,))``, jitted, replicated out."""
+
+    def features_of(params, batch):
+        inputs = to_model_inputs(batch)
+        # A two-view record is two independent draws of the augmentation; one of them is this pass's view.
+        images = inputs["views"][:, 0] if "views" in inputs else inputs["image"]
+        output = encoder.apply({"params": params}, images, train=False)
+        features = output.features if hasattr(output, "features") else output
+        return features.astype("float32"), inputs["label"], inputs["mask"]
+
+    return parallel.jit_for_mesh(features_of, mesh, out_shardings=jax.NamedSharding(mesh, jax.P()))
+
+
+def _encode_batches(batches, program, encoder_params) -> tuple[np.ndarray, np.ndarray]:
+    features, labels = [], []
+    for batch in batches:
+        batch_features, batch_labels, mask = jax.device_get(program(encoder_params, batch))
+        features.append(batch_features[mask])
+        labels.append(batch_labels[mask])
+    return np.concatenate(features), np.concatenate(labels)
+
+
 def encode_split(config: ml_collections.ConfigDict, encoder, encoder_params, split: str,
-                 mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray]:
+                 mesh: jax.sharding.Mesh, *, augmentation_seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Features (N, F) float32 and labels (N,) of every record of ``split``, on the host, in file order.
 
     ResNet encoders give their pooled backbone features (what the paper probes); encoders without a backbone
     output give their anchors. Batches of ``config.data.batch_size`` over the mesh, padding dropped.
+
+    augmentation_seed: None encodes the plain evaluation view. An int encodes one view per record under the
+      training augmentation (``config.data.augmentation``; of a two-view augmentation, the first view) drawn from
+      that seed.
     """
-    batches = data.build_eval_pipeline(eval_data_config(config, split, int(config.data.batch_size)),
-                                       sharding=parallel.batch_sharding(mesh))
-    replicated = jax.NamedSharding(mesh, jax.P())
+    batches = _split_batches(config, split, mesh, augmentation_seed)
+    return _encode_batches(batches, _feature_program(encoder, batches.to_model_inputs, mesh), encoder_params)
 
-    def features_of(params, batch):
-        inputs = batches.to_model_inputs(batch)
-        output = encoder.apply({"params": params}, inputs["image"], train=False)
-        features = output.features if hasattr(output, "features") else output
-        return features.astype("float32"), inputs["label"], inputs["mask"]
 
-    encode = parallel.jit_for_mesh(features_of, mesh, out_shardings=replicated)
-    features, labels = [], []
-    for batch in batches:
-        batch_features, batch_labels, mask = jax.device_get(encode(encoder_params, batch))
-        features.append(batch_features[mask])
-        labels.append(batch_labels[mask])
-    return np.concatenate(features), np.concatenate(labels)
+def augmented_epoch_features(config: ml_collections.ConfigDict, encoder, encoder_params,
+                             mesh: jax.sharding.Mesh) -> Callable[[int], tuple[np.ndarray, np.ndarray]]:
+    """``epoch -> (features (N, F), labels (N,))`` of split ``data.split`` with one freshly augmented view per record
+    (:func:`encode_split` with ``augmentation_seed(config, epoch)``): the training features of a linear probe
+    trained with data augmentation, as the paper's main ImageNet probe is. The program compiles once."""
+    program = None
+
+    def epoch_features(epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal program
+        batches = _split_batches(config, config.data.split, mesh, augmentation_seed(config, epoch))
+        if program is None:
+            program = _feature_program(encoder, batches.to_model_inputs, mesh)
+        return _encode_batches(batches, program, encoder_params)
+
+    return epoch_features
 
 
 class SplitFeatures(NamedTuple):

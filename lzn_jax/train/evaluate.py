@@ -202,10 +202,15 @@ def probe_metrics(config, modules: Modules, params, mesh, workdir: pathlib.Path,
         options = linear_probe.LinearProbeOptions(
             learning_rate=float(config.eval.linear_probe_learning_rate), num_epochs=epochs,
             batch_size=min(int(config.eval.linear_probe_batch_size), len(train_y)))
+        epoch_features = (end_of_training.augmented_epoch_features(config, modules.encoder, params["encoder"], mesh)
+                          if config.eval.linear_probe_augment else None)
         probe = linear_probe.train_linear_probe(train_x, train_y, val_x, val_y, num_classes=features.num_classes,
-                                                key=jax.random.key(int(config.seed)), options=options, mesh=mesh)
+                                                key=jax.random.key(int(config.seed)), options=options, mesh=mesh,
+                                                epoch_features=epoch_features)
         last = probe.history[-1]
-        protocol = {"probe": probe.protocol, "weights": weights}
+        protocol = {"probe": probe.protocol, "weights": weights, "training_features":
+                    f"one {config.data.augmentation} view per image, redrawn every epoch"
+                    if epoch_features is not None else "fixed, unaugmented"}
         results["linear_probe_top1"] = MetricResult("linear_probe_top1", float(last["val_top1"]), protocol)
         results["linear_probe_top5"] = MetricResult("linear_probe_top5", float(last["val_top5"]), protocol)
         _plot_probe_history(probe.history, workdir / "linear_probe.png")

@@ -76,3 +76,34 @@ def test_representation_probes_use_every_record_of_both_splits_on_two_devices():
     assert result["eval/ridge_accuracy"] == probes.ridge_accuracy(train_features, train_labels, features, labels,
                                                                   num_classes=10)
     assert "1438 examples" in result["eval/knn_protocol"] and "(359)" in result["eval/ridge_protocol"]
+
+
+def test_augmented_epoch_features_encode_one_fresh_view_of_every_training_record():
+    config = tiny.contrastive()
+    config.data.batch_size = 64
+    modules, params = _fresh(config)
+    mesh = parallel.data_mesh(2)
+    epoch_features = end_of_training.augmented_epoch_features(config, modules.encoder, params["encoder"], mesh)
+    first, first_labels = epoch_features(0)
+    again, _ = epoch_features(0)
+    second, second_labels = epoch_features(1)
+    plain, plain_labels = end_of_training.encode_split(config, modules.encoder, params["encoder"], "train", mesh)
+
+    # Every record once, in file order; a pass is a function of its epoch, and epochs draw different views.
+    assert first.shape == plain.shape == (1438, config.latent_dim)
+    np.testing.assert_array_equal(first_labels, plain_labels)
+    np.testing.assert_array_equal(second_labels, plain_labels)
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first, second, atol=1e-3) and not np.allclose(first, plain, atol=1e-3)
+
+    # By hand: the first view of each record of the augmented pass, unsharded, through the encoder.
+    seed = end_of_training.augmentation_seed(config, 1)
+    passes = data.build_eval_pipeline(end_of_training.eval_data_config(config, "train", 64, augmentation_seed=seed))
+    views, masks = [], []
+    for batch in passes:
+        inputs = passes.to_model_inputs(batch)
+        views.append(np.asarray(inputs["views"][:, 0]))
+        masks.append(np.asarray(inputs["mask"]))
+    views = np.concatenate(views)[np.concatenate(masks)]
+    expected = modules.encoder.apply({"params": params["encoder"]}, views)
+    np.testing.assert_allclose(second, np.asarray(expected), rtol=1e-4, atol=1e-5)

@@ -72,12 +72,15 @@ def test_eval_of_a_representation_model_runs_the_probes(tmp_path):
     config.data.batch_size = 64
     config.eval.linear_probe_epochs = 2
     config.eval.linear_probe_batch_size = 256
+    config.eval.linear_probe_augment = True  # one augmented view per training image and epoch
     _checkpointed(config, tmp_path)
     values = evaluate.evaluate(config, tmp_path)
     assert set(values) == {"knn_accuracy", "ridge_accuracy", "linear_probe_top1", "linear_probe_top5"}
     assert all(0.0 <= value <= 1.0 for value in values.values())
     assert values["linear_probe_top5"] >= values["linear_probe_top1"]
     assert (tmp_path / "linear_probe.png").exists()
+    written = json.loads(next(tmp_path.glob("eval_*.json")).read_text())
+    assert "re-extracted every epoch" in json.dumps(written)
 
 
 def test_eval_of_an_empty_workdir_says_to_train_first(tmp_path):

@@ -1,8 +1,9 @@
-"""``python -m lzn_jax.main`` as two JAX processes on 127.0.0.1 (one CPU device each), and as a process whose peer
-never comes.
+"""``python -m lzn_jax.main`` as one process of a two-process JAX job whose peer never comes, and maybe_initialize's
+timeout.
 
-The processes find their cluster the way a SLURM job step does (``lzn_jax.parallel.maybe_initialize`` lets JAX read
-SLURM_* variables; JAX_COORDINATOR_ADDRESS names the local coordinator), so this is the command a cluster runs.
+The process finds its cluster the way a SLURM job step does (``lzn_jax.parallel.maybe_initialize`` lets JAX read
+SLURM_* variables; JAX_COORDINATOR_ADDRESS names the local coordinator), so this is the command a cluster runs. The
+two-process training itself runs through launch/local.sh in tests/launch/test_launch.py.
 """
 
 from __future__ import annotations
@@ -15,11 +16,8 @@ import time
 
 import pytest
 
-from tests.train import helpers
 from tests.train.conftest import REPO, subprocess_env
-from tests.train.programs import program
 
-TIMEOUT_S = 420
 LONE_TIMEOUT_S = 10  # LZN_DISTRIBUTED_TIMEOUT_SECONDS of the process left alone
 
 
@@ -51,30 +49,6 @@ def communicate(procs, timeout: float) -> list[str]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_two_processes_train_and_write_one_checkpoint(tmp_path):
-    """tiny.contrastive() for its 2 steps on 2 processes x 1 device: one checkpoint (step 2), one metrics log, and the
-    same training as one process on one device (programs.py), to float32 reduction-order tolerance."""
-    workdir = tmp_path / "workdir"
-    port = free_port()
-    command = main_command(workdir, "--config.num_devices=2")
-    procs = [subprocess.Popen(command, env=cluster_env(i, port), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    outputs = communicate(procs, TIMEOUT_S)
-    for proc, output in zip(procs, outputs):
-        assert proc.returncode == 0, output[-4000:]
-    assert "on 2 cpu device(s) in 2 process(es)" in outputs[0], outputs[0][-4000:]
-    assert helpers.checkpoint_steps(workdir) == [2]
-    metrics = helpers.train_metrics(workdir)
-    assert sorted(metrics) == [1, 2]  # metrics.jsonl is written by process 0 only
-
-    state, data_state = helpers.restore(workdir, kind="contrastive")
-    assert int(state.step) == 2 and data_state["step"] == 2
-    states, reference = program("contrastive", 1).trajectory(2)
-    helpers.assert_same_training(states[-1], state, reference, [metrics[1], metrics[2]], "contrastive")
 
 
 def absl_time(output: str, level: str, text: str) -> float:
