@@ -15,6 +15,13 @@ posterior probabilities. Cases: N = B anchors
 ~ N(0, scale^2) for scales 1 and 5, and "near-duplicate" anchors (pairs 0.14 * scale apart).
 
   python benchmarks/zoning_accuracy.py --torch-python .venv-torch/bin/python
+
+With --block-size, the forward outputs are also computed with the blockwise kernel
+(SolverOptions(block_size=...)), in float32 ("blockwise", and "blk/ours" = its error / the dense kernel's) and
+in float64 ("x64 blk": its float64 outputs against the dense kernel's float64 ones, which should be round-off).
+The reverse flow has no blockwise column (zoning.assign needs the dense kernel).
+
+  python benchmarks/zoning_accuracy.py --size 256 --block-size 128
 """
 
 from __future__ import annotations
@@ -52,8 +59,11 @@ def make_case(seed: int, size: int, dim: int, scale: float, near_duplicates: boo
 # ------------------------------------------------------------------------------------------------ ours (JAX)
 
 
-def run_ours(case: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
-    """Our solver's outputs in ``dtype`` ("float32" or "float64"; the latter needs x64 enabled)."""
+def run_ours(case: dict[str, np.ndarray], dtype: str, block_size: int | None = None) -> dict[str, np.ndarray]:
+    """Our solver's outputs in ``dtype`` ("float32" or "float64"; the latter needs x64 enabled).
+
+    With ``block_size``, the forward outputs of the blockwise kernel only.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -62,14 +72,17 @@ def run_ours(case: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     anchors, prior, weights, latents = (jnp.asarray(case[k], dtype) for k in ("anchors", "prior", "weights", "latents"))
     results = {}
     for solver, name in (("euler", "euler"), ("dpm_solver++", "dpm")):
-        def objective(a, solver=solver):
-            out = zoning.compute_latents(a, prior, solver=solver, num_steps=20)
+        options = zoning.SolverOptions(solver=solver, num_steps=20, block_size=block_size)
+
+        def objective(a, options=options):
+            out = zoning.compute_latents(a, prior, options=options)
             return jnp.sum(out * weights), out
 
         (_, out), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(anchors)
         results[f"{name}_latents"], results[f"{name}_grad"] = out, grad
-    endpoints, log_probs = zoning.assign(latents, anchors, num_steps=100)
-    results["reverse_endpoints"], results["reverse_probs"] = endpoints, jnp.exp(log_probs)
+    if block_size is None:
+        endpoints, log_probs = zoning.assign(latents, anchors, num_steps=100)
+        results["reverse_endpoints"], results["reverse_probs"] = endpoints, jnp.exp(log_probs)
     return {k: np.asarray(jax.device_get(v), np.float64) for k, v in results.items()}
 
 
@@ -167,15 +180,17 @@ def relative_error(value: np.ndarray, exact: np.ndarray) -> float:
 
 
 def child(mode: str, case_path: str, out_path: str) -> None:
+    """``mode``: "reference", "float32", "float64", or one of these two with ":<block size>" (blockwise)."""
     case = dict(np.load(case_path))
     if mode == "reference":
         results = run_reference(case)
     else:
-        if mode == "float64":
+        dtype, _, block = mode.partition(":")
+        if dtype == "float64":
             import jax
 
             jax.config.update("jax_enable_x64", True)
-        results = run_ours(case, mode)
+        results = run_ours(case, dtype, int(block) if block else None)
     np.savez(out_path, **results)
 
 
@@ -184,7 +199,7 @@ def run_child(python: str, mode: str, case: dict[str, np.ndarray], workdir: str,
     """Runs one column in its own process; ``cached`` names a file that keeps the result between runs."""
     if cached and os.path.exists(cached):
         return dict(np.load(cached))
-    case_path, out_path = os.path.join(workdir, "case.npz"), os.path.join(workdir, f"{mode}.npz")
+    case_path, out_path = os.path.join(workdir, "case.npz"), os.path.join(workdir, f"{mode.replace(':', '_')}.npz")
     np.savez(case_path, **case)
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     subprocess.run([python, __file__, "--child", mode, case_path, out_path], check=True, env=env)
@@ -202,6 +217,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--reference-cache", help="a folder that keeps the reference's outputs between runs (they "
                         "do not depend on this project's code, and take most of the time)")
+    parser.add_argument("--block-size", type=int, help="also measure the forward outputs of the blockwise kernel")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -210,10 +226,13 @@ def main() -> None:
     cases = [("scale 1", 1.0, False), ("scale 5", 5.0, False), ("near-dup, scale 5", 5.0, True)]
     print(f"float32 accuracy: N = B = {args.size}, D = {args.dim}; max |x - x64| / max |x64|, worst of seeds "
           f"{args.seeds}")
-    print(f"{'case':<18} {'output':<18} | {'reference':>9} {'ours':>9} | {'ref/ours':>8}")
-    print("-" * 72)
+    blockwise = args.block_size is not None
+    extra_header = f" | {'blockwise':>9} {'blk/ours':>8} {'x64 blk':>8}" if blockwise else ""
+    print(f"{'case':<18} {'output':<18} | {'reference':>9} {'ours':>9} | {'ref/ours':>8}{extra_header}")
+    print("-" * (72 + len(extra_header)))
     for label, scale, near in cases:
         worst = {name: [0.0, 0.0] for name in OUTPUTS}
+        worst_blockwise = {name: [0.0, 0.0] for name in OUTPUTS}  # float32 error, float64 gap to dense
         for seed in args.seeds:
             case = make_case(seed, args.size, args.dim, scale, near)
             with tempfile.TemporaryDirectory() as workdir:
@@ -226,15 +245,29 @@ def main() -> None:
                                           f"{label.replace(' ', '_').replace(',', '')}_{seed}_{args.size}_{args.dim}.npz")
                 reference = (run_child(args.torch_python, "reference", case, workdir, cached)
                              if args.torch_python else None)
+                if blockwise:
+                    block32 = run_child(sys.executable, f"float32:{args.block_size}", case, workdir)
+                    block64 = run_child(sys.executable, f"float64:{args.block_size}", case, workdir)
             for name in OUTPUTS:
                 worst[name][1] = max(worst[name][1], relative_error(ours[name], exact[name]))
                 if reference is not None:
                     worst[name][0] = max(worst[name][0], relative_error(reference[name], exact[name]))
+                if blockwise and name in block32:
+                    worst_blockwise[name][0] = max(worst_blockwise[name][0],
+                                                   relative_error(block32[name], exact[name]))
+                    worst_blockwise[name][1] = max(worst_blockwise[name][1],
+                                                   relative_error(block64[name], exact[name]))
         for name in OUTPUTS:
             ref, own = worst[name]
             ref_text = f"{ref:9.2e}" if args.torch_python else f"{'-':>9}"
             ratio = f"{ref / own:7.2f}x" if args.torch_python and own > 0 else f"{'-':>8}"
-            print(f"{label:<18} {name:<18} | {ref_text} {own:9.2e} | {ratio}")
+            extra = ""
+            if blockwise and name.startswith(("euler", "dpm")):
+                block_error, block_gap = worst_blockwise[name]
+                extra = f" | {block_error:9.2e} {block_error / own:7.2f}x {block_gap:8.1e}"
+            elif blockwise:
+                extra = f" | {'-':>9} {'-':>8} {'-':>8}"
+            print(f"{label:<18} {name:<18} | {ref_text} {own:9.2e} | {ratio}{extra}")
 
 
 if __name__ == "__main__":

@@ -123,15 +123,25 @@ def make_evaluator(
     def evaluate(state, coefficients):
         scales = cast_coefficients(coefficients, dtype)
         if block_size is not None:
-            x = state if origin is None else state + origin.pivots
-            operands = match_varying_axes(x, context, log_weights, scales.time, scales.distance_scale)
-            mean, log_normaliser = _blockwise.blockwise_posterior(*operands, int(block_size))
+            if origin is None:
+                operands = match_varying_axes(state, context, log_weights, scales.time, scales.distance_scale)
+                prediction, log_normaliser = _blockwise.blockwise_posterior(*operands, int(block_size))
+            else:
+                # As for the dense kernel: the offset x - (1 - t) r = state + t r keeps its own precision, and
+                # the kernel returns the mean relative to the pivots, so the small state never meets r.
+                query = state + scales.time * origin.pivots
+                operands = match_varying_axes(query, context, origin.pivots, log_weights, scales.time,
+                                              scales.distance_scale)
+                prediction, log_normaliser = _blockwise.blockwise_pivot_posterior(*operands, int(block_size))
             recorded = None
-            if record == RECORD_TARGETS:
+            if record == RECORD_TARGETS and origin is None:
                 recorded = _blockwise.target_log_probs(
-                    x, context[targets], log_weights[targets], scales.time, scales.distance_scale, log_normaliser
-                )
-            prediction = mean if origin is None else mean - origin.pivots
+                    state, context[targets], log_weights[targets], scales.time, scales.distance_scale,
+                    log_normaliser)
+            elif record == RECORD_TARGETS:
+                recorded = _blockwise.pivot_target_log_probs(
+                    query, origin.pivots, context[targets], log_weights[targets], scales.time,
+                    scales.distance_scale, log_normaliser)
             return Evaluation(prediction, state - prediction, recorded)
         if origin is None:
             operands = match_varying_axes(state, context, _dense.squared_norms(context), log_weights,

@@ -118,7 +118,7 @@ def _compute_latents(anchors, noise, context, options: SolverOptions, context_is
     pivots = jax.lax.stop_gradient(anchors)
     if options.block_size is None:
         origin = _evaluator.pivot_origin(pivots, context, pivots_are_context=context_is_anchors)
-    else:  # the blockwise kernel needs no pivot distances: its logits come from exact differences
+    else:  # the blockwise kernel needs no pivot distances: it forms exact pivot gaps block by block
         origin = _evaluator.Origin(pivots, None)
     evaluate = _evaluator.make_evaluator(context, options, batch=anchors.shape[0], origin=origin)
     start = forward_start(anchors, noise, eps)
