@@ -210,5 +210,5 @@ def test_blockwise_pivot_kernel_values_and_gradients(x64):
         return _blockwise.blockwise_pivot_posterior(query, context, pivots, log_weights, time, scale, 3)
 
     finite = jnp.where(jnp.isfinite(log_weights), log_weights, 0.0)
-    check_grads(lambda q, c, p, w: kernel(q, c, p, jnp.where(jnp.isfinite(log_weights), w, -jnp.inf)),
+    check_grads(jax.jit(lambda q, c, p, w: kernel(q, c, p, jnp.where(jnp.isfinite(log_weights), w, -jnp.inf))),
                 (query, context, pivots, finite), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
