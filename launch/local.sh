@@ -17,6 +17,8 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 me=launch/local.sh
+# shellcheck source=SCRIPTDIR/lib/common.bash
+source "$repo/launch/lib/common.bash"
 
 usage() {
   cat <<EOF
@@ -48,29 +50,6 @@ Examples:
   $me --processes 2 --devices_per_process 4 -- --config=configs/digits_joint.py:smoke --workdir=/tmp/w
   $me --processes 1 --config=configs/digits_joint.py:smoke --workdir=/tmp/w
 EOF
-}
-
-fail_usage() {
-  echo "$me: $*" >&2
-  echo "Run $me --help for usage." >&2
-  exit 2
-}
-
-# One word, quoted for a POSIX shell only when it needs it (the dry run's lines can be pasted into a shell).
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-print_command() {
-  local line="" word
-  for word in "$@"; do
-    line+="${line:+ }$(quote "$word")"
-  done
-  printf '%s\n' "$line"
 }
 
 is_positive_integer() {

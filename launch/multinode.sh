@@ -19,6 +19,8 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 me=launch/multinode.sh
+# shellcheck source=SCRIPTDIR/lib/common.bash
+source "$repo/launch/lib/common.bash"
 
 usage() {
   cat <<EOF
@@ -46,29 +48,6 @@ Options:
 
 Relative paths are relative to the current directory; the repository is put on PYTHONPATH.
 EOF
-}
-
-fail_usage() {
-  echo "$me: $*" >&2
-  echo "Run $me --help for usage." >&2
-  exit 2
-}
-
-# One word, quoted for a POSIX shell only when it needs it (the dry run's line can be pasted into a shell).
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-print_command() {
-  local line="" word
-  for word in "$@"; do
-    line+="${line:+ }$(quote "$word")"
-  done
-  printf '%s\n' "$line"
 }
 
 require() {

@@ -23,6 +23,8 @@ set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 me=launch/tpu_pod.sh
+# shellcheck source=SCRIPTDIR/lib/common.bash
+source "$repo/launch/lib/common.bash"
 libtpu_index=https://storage.googleapis.com/jax-releases/libtpu_releases.html
 
 usage() {
@@ -74,33 +76,6 @@ Flags (each as --flag=VALUE or --flag VALUE; the variable in brackets is its def
 A missing required flag is an error (exit status 2) that names it. The jax version comes from this checkout's
 requirements.txt; the code that setup copies is what is committed at --ref (not uncommitted changes).
 EOF
-}
-
-fail_usage() {
-  echo "$me${subcommand:+ $subcommand}: $*" >&2
-  echo "Run $me --help for usage." >&2
-  exit 2
-}
-
-# One word, quoted for a POSIX shell only when it needs it (the dry run's lines can be pasted into a shell).
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_words() {
-  local line="" word
-  for word in "$@"; do
-    line+="${line:+ }$(quote "$word")"
-  done
-  printf '%s' "$line"
-}
-
-print_command() {
-  printf '%s\n' "$(quote_words "$@")"
 }
 
 # Runs a command, or with --dry_run only prints it.
@@ -167,7 +142,8 @@ while [ $# -gt 0 ]; do
     -*) fail_usage "unknown flag $1" ;;
     *)
       [ -z "$subcommand" ] || fail_usage "unexpected argument '$1' (config overrides look like --config.KEY=VALUE)"
-      subcommand=$1 ;;
+      subcommand=$1
+      fail_usage_context="$me $subcommand" ;;
   esac
   shift
 done
