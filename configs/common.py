@@ -41,11 +41,20 @@ def per_module(**values) -> ml_collections.ConfigDict:
 
 
 def solver_block(solver: str, num_steps: int, eps: float | None = None) -> ml_collections.ConfigDict:
-    """A zoning solver's settings (fields of ``zoning.SolverOptions``; eps unset: the solver's own default)."""
+    """A zoning solver's settings (fields of ``zoning.SolverOptions``; eps unset: the solver's own default).
+
+    The kernel keys keep the library's defaults: ``block_size`` unset is the dense kernel (an int streams over
+    anchor blocks of that size, memory independent of the global batch: docs/scaling.md), ``remat="auto"``
+    rematerialises each step's posterior only when keeping them all would exceed ``memory_budget_bytes`` per device
+    (unset: ``zoning.SolverOptions``' default, 2 GiB; named, not imported, because parsing a config imports no jax).
+    """
     block = ml_collections.ConfigDict()
     block.solver = solver
     block.num_steps = num_steps
     block.eps = placeholder(float) if eps is None else float(eps)
+    block.block_size = placeholder(int)
+    block.remat = "auto"
+    block.memory_budget_bytes = placeholder(int)
     return block
 
 

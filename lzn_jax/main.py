@@ -6,12 +6,12 @@ SLURM; nothing to do on one machine) and trains or evaluates. Everything it call
 
 from __future__ import annotations
 
-import logging
 import pathlib
 
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from lzn_jax import entry
 
 # The default works from any directory: it names the file in this repository, not a path relative to the cwd.
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "digits_joint.py"
@@ -31,30 +31,11 @@ def default_workdir(config_path: str) -> pathlib.Path:
     return pathlib.Path("workdirs") / name
 
 
-def _quiet_library_logs() -> None:
-    """One progress line per interval on the terminal: library INFO logs (clu, orbax, absl) stay out of it."""
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger().setLevel(logging.WARNING)
-
-
-def _enable_compilation_cache() -> None:
-    """Compiled steps are cached on disk (``$LZN_COMPILATION_CACHE``, default ``~/.cache/lzn_jax/xla``; set it to
-    an empty string to switch the cache off), so a resumed or repeated run skips the minute-long CPU compiles."""
-    import os
-
-    import jax
-
-    directory = os.environ.get("LZN_COMPILATION_CACHE", str(pathlib.Path.home() / ".cache" / "lzn_jax" / "xla"))
-    if directory:
-        jax.config.update("jax_compilation_cache_dir", directory)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    _quiet_library_logs()
-    _enable_compilation_cache()
+    entry.quiet_library_logs()
+    entry.enable_compilation_cache()
     from lzn_jax import parallel
 
     parallel.maybe_initialize()

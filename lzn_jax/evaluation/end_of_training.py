@@ -31,7 +31,9 @@ def eval_data_config(config: ml_collections.ConfigDict, split: str, batch_size: 
     augmentation drawn from that seed (record ``r`` of batch ``s`` draws from ``example_rng(seed, s, r)``)."""
     from lzn_jax.train.state import encoder_input_channels
 
-    eval_data = copy.deepcopy(config.data)
+    # A mutable copy, also of a frozen config (api.Model.config): the caller's config is never changed.
+    frozen = isinstance(config.data, ml_collections.FrozenConfigDict)
+    eval_data = ml_collections.ConfigDict(config.data) if frozen else copy.deepcopy(config.data)
     eval_data.num_channels = encoder_input_channels(config.data)
     eval_data.split = split
     if augmentation_seed is None:

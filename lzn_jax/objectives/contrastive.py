@@ -56,6 +56,21 @@ def encoder_anchors(encoder, params, images: jax.Array, key: jax.Array) -> jax.A
     return anchors.astype(jnp.float32)
 
 
+def two_view_anchors(encoder, params, views: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Anchors (B, D) float32 of view 0 and of view 1 of ``views`` (B, 2, S, S, 3), from one encoder pass.
+
+    The (B, 2) leading axes are merged in place into 2B rows (image b's views are rows 2b and 2b + 1), so a batch
+    sharded over devices stays sharded: each device encodes the views of its own images. (Moving the view axis to
+    the front, or vmapping over it, interleaves it with the sharded batch axis, and XLA then gathers the whole
+    global batch onto every device.) One pass with one dropout key draws every row's dropout mask independently,
+    as the reference's two passes with two draws do; the encoders normalise per image, so no view sees another.
+    """
+    batch = views.shape[0]
+    anchors = encoder_anchors(encoder, params, views.reshape(batch * 2, *views.shape[2:]), key)
+    anchors = anchors.reshape(batch, 2, anchors.shape[-1])
+    return anchors[:, 0], anchors[:, 1]
+
+
 def _ode_error(anchors: jax.Array, endpoints: jax.Array) -> jax.Array:
     """Relative distance from each reverse-flow end point to its nearest anchor.
 
@@ -85,13 +100,8 @@ def contrastive_loss(
     Returns:
       ContrastiveOutputs; ``loss = prob_loss_weight * prob_loss + log_loss_weight * log_loss``.
     """
-    prior_key, dropout_0, dropout_1 = jax.random.split(key, 3)
-    # Two encoder passes, one per view with its own dropout draw, as the reference runs them; vmapped over the view
-    # axis, so the encoder is traced and compiled once (its normalisations are per image: no view sees the other).
-    anchors_0, anchors_1 = jax.vmap(
-        lambda view, dropout_key: encoder_anchors(modules.encoder, params["encoder"], view, dropout_key),
-        in_axes=(1, 0),
-    )(views, jnp.stack([dropout_0, dropout_1]))
+    prior_key, dropout_key = jax.random.split(key)
+    anchors_0, anchors_1 = two_view_anchors(modules.encoder, params["encoder"], views, dropout_key)
     noise = settings.prior_scale * jax.random.normal(prior_key, anchors_0.shape, jnp.float32)
     latents = latents_of(anchors_0, noise, settings.latent_options)
     targets = jnp.arange(anchors_1.shape[0], dtype=jnp.int32)

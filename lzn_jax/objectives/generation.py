@@ -46,8 +46,19 @@ class GenerationSettings:
 
 
 def solver_options(block: ml_collections.ConfigDict) -> zoning.SolverOptions:
-    """``zoning.SolverOptions`` from a config solver block (solver, num_steps, eps)."""
-    return zoning.SolverOptions(solver=block.solver, num_steps=int(block.num_steps), eps=block.eps)
+    """``zoning.SolverOptions`` from a config solver block (``configs/common.py``'s ``solver_block``).
+
+    The kernel keys (``block_size``, ``remat``, ``memory_budget_bytes``) take the library's defaults where a block
+    leaves them unset or lacks them: the config of a run written before they existed still loads.
+    """
+    defaults = zoning.SolverOptions()
+    block_size, budget = block.get("block_size"), block.get("memory_budget_bytes")
+    return zoning.SolverOptions(
+        solver=block.solver, num_steps=int(block.num_steps), eps=block.eps,
+        block_size=None if block_size is None else int(block_size),
+        remat=block.get("remat", defaults.remat),
+        memory_budget_bytes=defaults.memory_budget_bytes if budget is None else int(budget),
+    )
 
 
 class GenerationOutputs(NamedTuple):

@@ -458,8 +458,8 @@ def solver_flows(program: StepProgram) -> tuple[list[Flow], list[str]]:
                   ("contrastive.alignment_solver", config.contrastive.alignment_solver)]
     for path, block in blocks:
         if "block_size" not in block:
-            notes.append(f"config.{path} has no block_size key (objectives' solver_options reads solver, num_steps "
-                         "and eps only): the dense kernel, remat='auto' with the default 2 GiB budget")
+            notes.append(f"config.{path} has no block_size key (a config written before the kernel keys existed): "
+                         "the dense kernel, remat='auto' with the default 2 GiB budget")
     return flows, notes
 
 
@@ -892,11 +892,10 @@ def _prepare_jax(num_devices: int) -> None:
 
 def _run() -> None:
     """The command line; its flags are defined only here, so importing this module defines none."""
-    import logging
-
     from absl import app, flags
-    from absl import logging as absl_logging
     from ml_collections import config_flags
+
+    from lzn_jax import entry
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config of the setting (configs/<setting>.py"
                                                   "[:variants]; --config.key=value overrides work).", lock_config=True)
@@ -922,8 +921,7 @@ def _run() -> None:
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        absl_logging.set_verbosity(absl_logging.WARNING)
-        logging.getLogger().setLevel(logging.WARNING)
+        entry.quiet_library_logs()
         try:
             if (topology.value is None) == (devices.value is None):
                 raise ValueError("give exactly one of --topology (a TPU slice) and --devices (with --device_memory)")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import pathlib
 import shutil
@@ -421,8 +420,9 @@ def _print_summary(summary: Mapping[str, Any], checkpoint_path: str, config_path
 def _run() -> None:
     """The command line; its flags are defined only here, so importing this module defines none."""
     from absl import app, flags
-    from absl import logging as absl_logging
     from ml_collections import config_flags
+
+    from lzn_jax import entry
 
     config = config_flags.DEFINE_config_file("config", None, "Config of the setting the file was trained with "
                                              "(configs/<setting>.py; --config.key=value overrides work).",
@@ -435,8 +435,7 @@ def _run() -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         # The summary below is the output; orbax's and absl's INFO lines would bury it.
-        absl_logging.set_verbosity(absl_logging.WARNING)
-        logging.getLogger().setLevel(logging.WARNING)
+        entry.quiet_library_logs()
         try:
             summary = import_reference(checkpoint_file.value, config.value, workdir.value)
         except (ReferenceImportError, FileNotFoundError) as error:

@@ -307,3 +307,19 @@ def test_paper_hyperparameters(name):
         assert (con.alignment_solver.solver, con.alignment_solver.num_steps) == ("euler", 20)
         assert (con.prior_scale, con.cut_off, con.prob_loss_weight, con.log_loss_weight) == (0.45, 0.2, 0.0, 1.0)
         assert data.two_view.to_dict() == default_config().two_view.to_dict(), "the reference's two-view values"
+
+
+def test_solver_blocks_choose_the_kernel_and_old_blocks_keep_the_defaults():
+    from lzn_jax import zoning
+    from lzn_jax.objectives.generation import GenerationSettings, solver_options
+
+    config = load("cifar10_gen").get_config()
+    assert solver_options(config.generation.latent_solver) == zoning.SolverOptions(solver="dpm_solver++", num_steps=20)
+    config.generation.latent_solver.block_size = 4096  # what --config.generation.latent_solver.block_size=4096 does
+    config.generation.latent_solver.remat = "always"
+    config.generation.latent_solver.memory_budget_bytes = 2**20
+    options = GenerationSettings.from_config(config.generation).latent_options
+    assert (options.block_size, options.remat, options.memory_budget_bytes) == (4096, "always", 2**20)
+    # The block of a run written before these keys existed (its config.json), read back frozen as api.load does.
+    old = ml_collections.FrozenConfigDict({"solver": "euler", "num_steps": 5, "eps": None})
+    assert solver_options(old) == zoning.SolverOptions(solver="euler", num_steps=5)

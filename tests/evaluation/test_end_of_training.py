@@ -53,6 +53,18 @@ def test_a_batch_larger_than_the_split_is_refused():
         end_of_training.classification_accuracy(config, modules, params, jax.random.key(0), parallel.data_mesh(1))
 
 
+def test_eval_data_config_copies_frozen_and_mutable_configs_and_leaves_them_unchanged():
+    import ml_collections
+
+    config = tiny.joint()
+    before = config.data.to_dict()
+    for given in (config, ml_collections.FrozenConfigDict(config)):  # api.Model.config is frozen
+        eval_data = end_of_training.eval_data_config(given, "test", 32)
+        assert (eval_data.split, eval_data.batch_size, eval_data.augmentation) == ("test", 32, "none")
+        eval_data.seed = 99  # mutable, and not an alias of the caller's block
+    assert config.data.to_dict() == before
+
+
 def test_representation_probes_use_every_record_of_both_splits_on_two_devices():
     config = tiny.contrastive()
     config.data.batch_size = 64  # 1438 training digits: the last batch is padding-masked, not dropped

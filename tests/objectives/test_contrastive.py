@@ -1,9 +1,9 @@
 """The LZN contrastive loss (docs/method.md) against the method's formulas (docs/method.md) in float64 NumPy, and sharded against unsharded.
 
-Only the anchors come from JAX (the real tiny encoder, one pass per view with the dropout keys contrastive_loss
-uses); the forward flow, the reverse flow and the loss are recomputed in float64 from docs/method.md with the
-broadcast form of the velocity. The test mirrors contrastive_loss's key layout, part of its contract:
-``prior, dropout view 0, dropout view 1 = split(key, 3)``.
+Only the anchors come from JAX (the real tiny encoder, one pass over both views with the dropout key
+contrastive_loss uses); the forward flow, the reverse flow and the loss are recomputed in float64 from
+docs/method.md with the broadcast form of the velocity. The test mirrors contrastive_loss's key layout, part of its
+contract: ``prior, dropout = split(key)``, the views encoded as rows in (image, view) order.
 """
 
 from __future__ import annotations
@@ -87,13 +87,12 @@ def setup():
 @pytest.fixture(scope="module")
 def expected(setup):
     modules, params, views, key = setup
-    prior_key, dropout_0, dropout_1 = jax.random.split(key, 3)  # mirrors contrastive_loss
-
-    def encode(images, dropout_key):
-        return modules.encoder.apply({"params": params["encoder"]}, images, train=True, rngs={"dropout": dropout_key})
-
-    anchors_0 = np.asarray(encode(views[:, 0], dropout_0), np.float64)
-    anchors_1 = np.asarray(encode(views[:, 1], dropout_1), np.float64)
+    prior_key, dropout_key = jax.random.split(key)  # mirrors contrastive_loss
+    # One encoder pass over both views, rows in (image, view) order, as contrastive.two_view_anchors runs it.
+    rows = views.reshape(-1, *views.shape[2:])
+    anchors = modules.encoder.apply({"params": params["encoder"]}, rows, train=True, rngs={"dropout": dropout_key})
+    anchors = np.asarray(anchors, np.float64).reshape(views.shape[0], 2, -1)
+    anchors_0, anchors_1 = anchors[:, 0], anchors[:, 1]
     noise = np.asarray(jax.random.normal(prior_key, anchors_0.shape, jnp.float32), np.float64)
     return reference(anchors_0, anchors_1, noise, SETTINGS)
 
@@ -137,3 +136,29 @@ def test_sharded_loss_and_gradient_equal_unsharded(setup):
     # encoder; a gradient without the other devices' contributions would be off by O(1).
     norm_error, max_error = tiny.tree_errors(sharded_grads, grads)
     assert norm_error < 1e-4 and max_error < 2.5e-4, (norm_error, max_error)
+
+
+def test_each_device_encodes_only_its_own_images(setup):
+    """The two views share one encoder pass whose rows stay sharded: on 8 devices each device's compiled encoder
+    does 1/8 of the unsharded work. (Vmapping the encoder over the view axis, as an earlier version did, made XLA
+    gather the whole global batch onto every device: per-device FLOPs equal to the unsharded program's.)"""
+    modules, params, views, key = setup
+
+    def encode(params, views, key):
+        return contrastive.two_view_anchors(modules.encoder, params["encoder"], views, key)
+
+    def flops(views):
+        return jax.jit(encode).lower(params, views, key).compile().cost_analysis()["flops"]
+
+    views = jnp.concatenate([views, views[::-1]])  # 16 images: 2 per device
+    mesh, rows = tiny.data_mesh_sharding()
+    unsharded = flops(views)
+    with jax.set_mesh(mesh):
+        sharded_views = jax.device_put(views, rows)
+        per_device = flops(sharded_views)
+        anchors_0, anchors_1 = jax.jit(encode)(params, sharded_views, key)
+    # XLA's cost analysis of an SPMD program counts one device's share.
+    assert per_device < 0.2 * unsharded, (per_device, unsharded)
+    for anchors in (anchors_0, anchors_1):
+        assert anchors.sharding.spec[0] == "data", anchors.sharding
+    np.testing.assert_allclose(np.asarray(anchors_0), np.asarray(encode(params, views, key)[0]), rtol=2e-5, atol=2e-6)

@@ -228,3 +228,32 @@ def test_stage_masks_zero_exactly_the_terms_spec_says(setup):
                                               enabled={"decoder": jnp.bool_(True)})
     np.testing.assert_allclose(float(only_decoder.rf_loss), full_rf, rtol=1e-5)
     assert float(only_decoder.label_loss) == 0.0
+
+
+def test_a_config_can_choose_the_blockwise_kernel_and_gets_the_same_loss(setup, eager_outputs):
+    """``block_size`` in a config's solver blocks reaches the solver: the loss and its gradient through both flows
+    equal the dense kernel's (float32), and the traced step streams over anchor blocks."""
+    import dataclasses
+
+    from configs import common
+
+    modules, params, images, labels, key = setup
+    latent_block = common.solver_block("dpm_solver++", 20)
+    latent_block.block_size = 4  # 2 blocks of the batch's 8 anchors
+    label_block = common.solver_block("euler", 100)
+    label_block.block_size = 5  # 2 blocks of the 10 label anchors
+    blockwise = dataclasses.replace(SETTINGS, latent_options=generation.solver_options(latent_block),
+                                    label_options=generation.solver_options(label_block))
+    assert (blockwise.latent_options.block_size, blockwise.label_options.block_size) == (4, 5)
+    value_and_grad = jax.jit(jax.value_and_grad(_loss_and_outputs(modules, blockwise), has_aux=True))
+    (loss, outputs), grads = value_and_grad(params, images, labels, key)
+    (dense_loss, _), dense_grads = jax.jit(jax.value_and_grad(_loss_and_outputs(modules, SETTINGS), has_aux=True))(
+        params, images, labels, key)
+    np.testing.assert_allclose(float(loss), float(eager_outputs.loss), rtol=2e-5)
+    np.testing.assert_allclose(float(outputs.label_loss), float(eager_outputs.label_loss), rtol=2e-5)
+    norm_error, max_error = tiny.tree_errors(grads, dense_grads)
+    assert norm_error < 1e-4 and max_error < 2.5e-4, (norm_error, max_error)
+    # The traced step runs the blockwise kernel's own custom-gradient posteriors, which the dense one never calls.
+    jaxpr = str(jax.make_jaxpr(_loss_and_outputs(modules, blockwise))(params, images, labels, key))
+    dense_jaxpr = str(jax.make_jaxpr(_loss_and_outputs(modules, SETTINGS))(params, images, labels, key))
+    assert "name=blockwise" in jaxpr and "name=blockwise" not in dense_jaxpr
