@@ -228,7 +228,12 @@ def reference_statistics(classifier: FrozenClassifier, split: str = "train") -> 
 def digits_fid(classifier: FrozenClassifier, images, reference: tuple[np.ndarray, np.ndarray]) -> float:
     """Fréchet distance between the features of ``images`` (N >= 2, 16, 16, 1; see :func:`features`) and the
     ``reference`` statistics ``(mu, sigma)`` from :func:`reference_statistics`."""
-    return metrics.frechet_distance(*metrics.feature_statistics(features(classifier, images)), *reference)
+    return fid_of_features(features(classifier, images), reference)
+
+
+def fid_of_features(image_features: np.ndarray, reference: tuple[np.ndarray, np.ndarray]) -> float:
+    """:func:`digits_fid` of features (N >= 2, 64) already computed by :func:`features`."""
+    return metrics.frechet_distance(*metrics.feature_statistics(image_features), *reference)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -57,8 +58,24 @@ def classifier_for(out: pathlib.Path, *, smoke: bool) -> digits_fid.FrozenClassi
     return classifier
 
 
-def sample_quality(model: api.Model, classifier, reference, real_features: np.ndarray, *, seed: int,
-                   count: int, steps: int) -> tuple[dict[str, float], np.ndarray]:
+class FeatureSpace(NamedTuple):
+    """Where generated digits are measured: the frozen classifier, and its features (N, 64) of the training split
+    with their mean and covariance (the digits-FID reference)."""
+
+    classifier: digits_fid.FrozenClassifier
+    real_features: np.ndarray
+    reference: tuple[np.ndarray, np.ndarray]
+
+
+def feature_space(out: pathlib.Path, *, smoke: bool) -> FeatureSpace:
+    """:func:`classifier_for` and the training split's features, computed once for every model measured."""
+    classifier = classifier_for(out, smoke=smoke)
+    real_features = digits_fid.features(classifier, split_images("train"))
+    return FeatureSpace(classifier, real_features, metrics.feature_statistics(real_features))
+
+
+def sample_quality(model: api.Model, space: FeatureSpace, *, seed: int, count: int,
+                   steps: int) -> tuple[dict[str, float], np.ndarray]:
     """digits-FID, precision and recall of ``count`` samples of ``model`` (and the samples, uint8 (count, H, W, 1))."""
     from lzn_jax.train import evaluate  # the trainer's evaluation helpers import TensorFlow (clu)
 
@@ -68,9 +85,9 @@ def sample_quality(model: api.Model, classifier, reference, real_features: np.nd
     with jax.set_mesh(mesh):
         images = evaluate.generated_uint8(model.config, model.modules, model.params, jax.random.key(seed), mesh,
                                           count, options)[..., :1]  # gray digits come back as three equal channels
-    fake_features = digits_fid.features(classifier, images)
-    precision, recall = metrics.precision_recall(real_features, fake_features)
-    fid = digits_fid.digits_fid(classifier, images, reference)
+    fake_features = digits_fid.features(space.classifier, images)
+    precision, recall = metrics.precision_recall(space.real_features, fake_features)
+    fid = digits_fid.fid_of_features(fake_features, space.reference)
     return {"digits_fid": fid, "precision": precision, "recall": recall}, images
 
 
@@ -86,13 +103,11 @@ def reconstruction_error(model: api.Model, *, seed: int) -> float:
 
 
 def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict:
-    classifier = classifier_for(out, smoke=smoke)
-    reference = digits_fid.reference_statistics(classifier, "train")
-    real_features = digits_fid.features(classifier, split_images("train"))
-    sanity = digits_fid.sanity_check(classifier, reference)  # real test digits, and blurred or noised ones
+    space = feature_space(out, smoke=smoke)
+    sanity = digits_fid.sanity_check(space.classifier, space.reference)  # real test digits, blurred or noised ones
     count, steps = (64, 4) if smoke else (NUM_SAMPLES, SAMPLE_STEPS)
     results = {"experiment": NAME, "config": f"configs/{CONFIG}.py", "smoke": smoke, "seeds": list(seeds),
-               "num_samples": count, "sample_steps": steps, "classifier_test_accuracy": classifier.test_accuracy,
+               "num_samples": count, "sample_steps": steps, "classifier_test_accuracy": space.classifier.test_accuracy,
                "real_test_digits_fid": sanity["real_test"], "real_test_images": len(split_images("test")),
                "digits_fid_sanity": sanity, "runs": {}}
     for setting, variants in SETTINGS.items():
@@ -105,8 +120,7 @@ def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict
             workdir = out / f"{setting.lower().replace('+', '_')}_seed{seed}"
             summary = runs.train(config, workdir)
             model = api.load(workdir)
-            quality, images = sample_quality(model, classifier, reference, real_features, seed=seed, count=count,
-                                             steps=steps)
+            quality, images = sample_quality(model, space, seed=seed, count=count, steps=steps)
             record = {"seed": seed, "workdir": str(workdir), "train_seconds": summary.get("seconds"),
                       "steps": summary.get("step"), "rf_loss": summary.get("train/rf_loss"), **quality,
                       "reconstruction": reconstruction_error(model, seed=seed)}

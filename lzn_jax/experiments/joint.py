@@ -30,16 +30,16 @@ import pathlib
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
 from lzn_jax import api, data, parallel
 from lzn_jax.data.digits import load_digits_split
-from lzn_jax.evaluation import digits_fid
+from lzn_jax.evaluation.classification import eval_anchors
 from lzn_jax.experiments import runs
-from lzn_jax.experiments.generation import classifier_for, sample_quality
+from lzn_jax.experiments.generation import feature_space, sample_quality
+from lzn_jax.objectives.contrastive import encoder_anchors
 
 NAME = "joint"
 CONFIG = "digits_joint"
@@ -61,18 +61,15 @@ def cross_entropy_config(config: ml_collections.ConfigDict) -> ml_collections.Co
     return config
 
 
-def cross_entropy_logits(modules, params, images: jax.Array, *, train: bool, key: jax.Array | None = None):
-    """(B, num_classes) logits ``anchors @ table.T`` of images (B, H, W, C) float32 in [-1, 1]."""
-    rngs = {"dropout": key} if train else {}
-    output = modules.encoder.apply({"params": params["encoder"]}, images, train=train, rngs=rngs)
-    anchors = (output.anchors if hasattr(output, "anchors") else output).astype(jnp.float32)
-    table = modules.label_anchors.apply({"params": params["label_anchors"]})
-    return anchors @ table.T
+def cross_entropy_logits(modules, params, anchors: jax.Array) -> jax.Array:
+    """(B, num_classes) logits ``anchors @ table.T`` of anchors (B, D), the label-anchor table as the head."""
+    return anchors @ modules.label_anchors.apply({"params": params["label_anchors"]}).T
 
 
 def cross_entropy_loss(modules, params, inputs, key) -> jax.Array:
-    """Mean softmax cross-entropy of :func:`cross_entropy_logits` (dropout on) against the labels."""
-    logits = cross_entropy_logits(modules, params, inputs["image"], train=True, key=key)
+    """Mean softmax cross-entropy of the training-mode (dropout on) logits against the labels."""
+    anchors = encoder_anchors(modules.encoder, params["encoder"], inputs["image"], key)
+    logits = cross_entropy_logits(modules, params, anchors)
     return optax.softmax_cross_entropy_with_integer_labels(logits, inputs["label"]).mean()
 
 
@@ -83,7 +80,7 @@ def cross_entropy_accuracy(config: ml_collections.ConfigDict, params) -> float:
     modules = train_state.build_modules(config)
     images, labels = load_digits_split("test", image_size=config.data.image_size,
                                        num_channels=train_state.encoder_input_channels(config.data))
-    forward = jax.jit(lambda p, x: cross_entropy_logits(modules, p, x, train=False))
+    forward = jax.jit(lambda p, x: cross_entropy_logits(modules, p, eval_anchors(modules.encoder, p["encoder"], x)))
     logits = forward(params, data.to_float_images(images))
     return float(np.mean(np.argmax(np.asarray(logits), axis=-1) == labels))
 
@@ -120,12 +117,10 @@ def _workdir(out: pathlib.Path, tag: str, seed: int) -> pathlib.Path:
 
 
 def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict:
-    classifier = classifier_for(out, smoke=smoke)
-    reference = digits_fid.reference_statistics(classifier, "train")
-    real_features = digits_fid.features(classifier, load_digits_split("train")[0])
+    space = feature_space(out, smoke=smoke)
     count, steps = (64, 4) if smoke else (1000, 50)
     results = {"experiment": NAME, "config": f"configs/{CONFIG}.py", "smoke": smoke, "seeds": list(seeds),
-               "num_samples": count, "sample_steps": steps, "classifier_test_accuracy": classifier.test_accuracy,
+               "num_samples": count, "sample_steps": steps, "classifier_test_accuracy": space.classifier.test_accuracy,
                "pixel_logistic_regression": pixel_logistic_regression(), "runs": {}}
 
     def config_for(variants, seed):
@@ -140,8 +135,7 @@ def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict
             workdir = _workdir(out, tag, seed)
             summary = runs.train(config_for(variants, seed), workdir)
             model = api.load(workdir)
-            quality, _ = sample_quality(model, classifier, reference, real_features, seed=seed, count=count,
-                                        steps=steps)
+            quality, _ = sample_quality(model, space, seed=seed, count=count, steps=steps)
             record = {"seed": seed, "train_seconds": summary.get("seconds"), "steps": summary.get("step"), **quality}
             if model.modules.label_anchors is not None:
                 record.update(classification_numbers(model, seed=seed))

@@ -49,21 +49,26 @@ def smoke_runs(tmp_path_factory) -> dict[str, tuple[pathlib.Path, subprocess.Com
     return finished
 
 
-def _finite_numbers(record: dict) -> list[float]:
-    return [value for value in record.values() if isinstance(value, float)]
+def smoke_results(smoke_runs, name: str) -> tuple[pathlib.Path, dict, dict[str, dict]]:
+    """``(out, results.json, {setting: its one record})`` of a smoke run that succeeded, every float in it finite."""
+    out, process = smoke_runs[name]
+    assert process.returncode == 0, process.stderr[-5000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["smoke"] is True and results["seeds"] == [0]
+    records = {}
+    for setting, per_seed in results["runs"].items():
+        (records[setting],) = per_seed
+        numbers = [value for value in records[setting].values() if isinstance(value, float)]
+        assert all(math.isfinite(value) for value in numbers), records[setting]
+    return out, results, records
 
 
 @pytest.mark.slow
 def test_generation_experiment_smoke_writes_its_numbers_and_grids(smoke_runs):
-    out, process = smoke_runs["generation"]
-    assert process.returncode == 0, process.stderr[-5000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["smoke"] is True and results["seeds"] == [0]
-    assert sorted(results["runs"]) == ["RF", "RF+LZN"]
-    for setting, records in results["runs"].items():
-        (record,) = records
+    out, results, records = smoke_results(smoke_runs, "generation")
+    assert sorted(records) == ["RF", "RF+LZN"]
+    for setting, record in records.items():
         assert record["steps"] == 2, setting
-        assert all(math.isfinite(v) for v in _finite_numbers(record)), record
         assert record["digits_fid"] > 0.0 and 0.0 <= record["precision"] <= 1.0 and 0.0 <= record["recall"] <= 1.0
         assert record["reconstruction"] > 0.0
         assert (out / f"samples_{setting.lower().replace('+', '_')}.png").stat().st_size > 0
@@ -75,15 +80,11 @@ def test_generation_experiment_smoke_writes_its_numbers_and_grids(smoke_runs):
 
 @pytest.mark.slow
 def test_joint_experiment_smoke_writes_every_model_and_baseline(smoke_runs):
-    out, process = smoke_runs["joint"]
-    assert process.returncode == 0, process.stderr[-5000:]
-    results = json.loads((out / "results.json").read_text())
-    assert sorted(results["runs"]) == sorted(["RF+LZN (joint)", "RF (class-conditional)", "LZN, classification only",
-                                              "cross-entropy"])
-    for setting, records in results["runs"].items():
-        (record,) = records
+    out, results, records = smoke_results(smoke_runs, "joint")
+    assert sorted(records) == sorted(["RF+LZN (joint)", "RF (class-conditional)", "LZN, classification only",
+                                      "cross-entropy"])
+    for setting, record in records.items():
         assert record["steps"] == 2, setting
-        assert all(math.isfinite(v) for v in _finite_numbers(record)), record
         if setting != "RF (class-conditional)":
             assert 0.0 <= record["accuracy"] <= 1.0
         if "LZN" in setting:
@@ -99,14 +100,10 @@ def test_joint_experiment_smoke_writes_every_model_and_baseline(smoke_runs):
 
 @pytest.mark.slow
 def test_representation_experiment_smoke_probes_every_kind_of_features(smoke_runs):
-    out, process = smoke_runs["representation"]
-    assert process.returncode == 0, process.stderr[-5000:]
-    results = json.loads((out / "results.json").read_text())
-    assert sorted(results["runs"]) == ["LZN", "SimCLR-style", "random init"]
+    out, results, records = smoke_results(smoke_runs, "representation")
+    assert sorted(records) == ["LZN", "SimCLR-style", "random init"]
     assert sorted(results["fixed"]) == ["PCA (16)", "raw pixels"]
-    for setting, records in results["runs"].items():
-        (record,) = records
-        assert all(math.isfinite(v) for v in _finite_numbers(record)), record
+    for setting, record in records.items():
         assert 0.0 <= record["knn_accuracy"] <= 1.0 and 0.0 <= record["linear_accuracy"] <= 1.0
         if setting != "random init":
             assert record["steps"] == 2, setting
