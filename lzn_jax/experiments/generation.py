@@ -139,7 +139,7 @@ def table(results: dict) -> str:
     rows = [[setting] + [runs.format_mean_std(runs.column(records, key))
                          for key in ("digits_fid", "precision", "recall", "reconstruction")]
             for setting, records in results["runs"].items()]
-    seeds = ", ".join(map(str, results["seeds"]))
+    seeds = runs.seeds_reported(results)
     return (f"Experiment 1 (configs/{CONFIG}.py, seeds {seeds}; mean ± std over seeds): {results['num_samples']} "
             f"samples, Euler {results['sample_steps']} steps, EMA weights.\n\n" + runs.markdown_table(header, rows)
             + f"\nReal test digits against the training split: digits-FID {results['real_test_digits_fid']:.3g} "

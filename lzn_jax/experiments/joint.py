@@ -159,7 +159,7 @@ def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict
 
 
 def table(results: dict) -> str:
-    seeds = ", ".join(map(str, results["seeds"]))
+    seeds = runs.seeds_reported(results)
     lines = [f"Experiment 3 (configs/{CONFIG}.py, seeds {seeds}; mean ± std over seeds). Test accuracy of the 359 "
              f"test digits; class-conditional digits-FID of {results['num_samples']} samples (Euler "
              f"{results['sample_steps']} steps), EMA weights.\n"]

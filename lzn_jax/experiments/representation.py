@@ -113,7 +113,7 @@ def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict
 
 
 def table(results: dict) -> str:
-    seeds = ", ".join(map(str, results["seeds"]))
+    seeds = runs.seeds_reported(results)
     rows = [[setting, runs.format_mean_std(runs.column(records, "linear_accuracy"), scale=100.0),
              runs.format_mean_std(runs.column(records, "knn_accuracy"), scale=100.0)]
             for setting, records in results["runs"].items()]

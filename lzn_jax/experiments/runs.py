@@ -104,7 +104,24 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
             return summary
     from lzn_jax.train import loop  # imports TensorFlow (clu): only when an experiment trains
 
-    return loop.train(config, workdir)
+    return require_finished(loop.train(config, workdir), workdir)
+
+
+def require_finished(summary: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
+    """Returns a training summary if its run reached its last step.
+
+    A run the trainer stopped early (SIGTERM / preemption: it wrote a checkpoint and returned) must not be
+    evaluated as if it were trained, or a half-trained model's numbers would enter the results.
+
+    Raises:
+      RuntimeError: the run stopped before its last step; its checkpoint is kept, and rerunning the same command
+        resumes it.
+    """
+    if summary.get("finished") and not summary.get("stopped_early"):
+        return summary
+    raise RuntimeError(f"{workdir}: training stopped at step {summary.get('step')} of {summary.get('last_step')} "
+                       "before its end (preempted or interrupted); its checkpoint is kept: rerun the same command "
+                       "to resume it")
 
 
 def train_with_loss(config: ml_collections.ConfigDict, loss_of: Callable) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -147,6 +164,13 @@ def train_with_loss(config: ml_collections.ConfigDict, loss_of: Callable) -> tup
     info = {"seconds": round(time.perf_counter() - start, 1), "steps": steps, "final_loss": float(loss),
             "skipped": int(current.skipped_updates)}
     return current.ema_params, info
+
+
+def seeds_reported(results: dict) -> str:
+    """The seeds with numbers in ``results["runs"]``, as "0, 1, 2": what a table made mid-run covers, which may
+    be fewer than the seeds asked for."""
+    seeds = sorted({record["seed"] for records in results["runs"].values() for record in records})
+    return ", ".join(map(str, seeds))
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

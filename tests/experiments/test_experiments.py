@@ -153,6 +153,21 @@ def test_a_finished_run_is_reused_and_an_unfinished_one_is_not(tmp_path, monkeyp
         runs.train(runs.seeded(config, 1), tmp_path)
 
 
+def test_a_run_stopped_before_its_end_is_not_evaluated(tmp_path):
+    done = {"step": 800, "last_step": 800, "finished": True, "stopped_early": False}
+    assert runs.require_finished(done, tmp_path) == done
+    # What loop.train returns after a SIGTERM at step 512: the experiment must stop, not probe a half-trained model.
+    for stopped in ({**done, "step": 512, "finished": False, "stopped_early": True},
+                    {**done, "stopped_early": True}):
+        with pytest.raises(RuntimeError, match="step .* of 800 before its end.*rerun the same command"):
+            runs.require_finished(stopped, tmp_path)
+
+
+def test_a_table_made_mid_run_names_only_the_seeds_it_has():
+    results = {"seeds": [0, 1, 2], "runs": {"LZN": [{"seed": 0}, {"seed": 1}], "baseline": [{"seed": 0}]}}
+    assert runs.seeds_reported(results) == "0, 1"
+
+
 def test_mean_std_and_its_format():
     assert runs.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert runs.mean_std([4.0]) == (4.0, 0.0)
