@@ -257,7 +257,7 @@ def _check_context(model: Model, context) -> None:
     """``context`` must be (N, D) anchors of this model's encoder."""
     if model.config not in _ANCHOR_DIMS:
         size, _, channels = model.image_shape
-        shape = jax.eval_shape(lambda params, x: _anchors_of(_encode(model.modules, params, x)), model.params,
+        shape = jax.eval_shape(lambda params, x: _anchors(model.modules, params, x), model.params,
                                jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)).shape
         _ANCHOR_DIMS[model.config] = shape[1]
     zoning.flows.check_matrix("context", context, dim=_ANCHOR_DIMS[model.config])
@@ -291,9 +291,9 @@ def _encode(modules: Modules, params, images: jax.Array):
     return modules.encoder.apply({"params": params["encoder"]}, _model_inputs(images), train=False)
 
 
-def _anchors_of(output) -> jax.Array:
-    # The ResNet returns (anchors, features); the NCSN++ encoder its anchors alone.
-    return (output.anchors if hasattr(output, "anchors") else output).astype(jnp.float32)
+def _anchors(modules: Modules, params, images: jax.Array) -> jax.Array:
+    """Anchors (B, D) float32 of uint8 or [-1, 1] images, the encoder in evaluation mode."""
+    return classification.eval_anchors(modules.encoder, params["encoder"], _model_inputs(images))
 
 
 def _own_zone_latents(anchors: jax.Array, noise: jax.Array, context: jax.Array) -> jax.Array:
@@ -312,7 +312,7 @@ def _own_zone_latents(anchors: jax.Array, noise: jax.Array, context: jax.Array) 
 def _latents(modules: Modules, params, images, rng, prior_scale, context) -> jax.Array:
     """The image latents: the encoder's anchors, the prior draw ``prior_scale * N(0, I)`` from ``rng`` (the draw
     ``evaluation.classify`` makes), DPM-Solver++ 20 steps against the batch, or row by row against ``context``."""
-    anchors = _anchors_of(_encode(modules, params, images))
+    anchors = _anchors(modules, params, images)
     noise = prior_scale * jax.random.normal(rng, anchors.shape, jnp.float32)
     if context is None:
         return latents_of(anchors, noise, classification.IMAGE_LATENT_OPTIONS)
@@ -351,7 +351,7 @@ def embed(model: Model, images) -> jax.Array:
 
 def _build_anchors(modules: Modules):
     def anchors_fn(params, images):
-        return _anchors_of(_encode(modules, params, images))
+        return _anchors(modules, params, images)
 
     return anchors_fn
 

@@ -6,12 +6,67 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+    _flags += " --xla_force_host_platform_device_count=8"
+# Compiling dominates this suite on the CPU, and XLA's lowest backend optimisation level compiles about a third
+# faster (CPU time of tests/models 113 -> 79 s, tests/zoning 236 -> 146 s). It changes the generated code's float32
+# rounding, not its semantics; the modules marked ``production_compiler`` assert about that rounding, so they run
+# in a child process at the default level (``production_compiler_child``). LZN_TESTS_FULL_OPTIMISATION=1 runs the
+# whole suite at the default level.
+FULL_OPTIMISATION = os.environ.get("LZN_TESTS_FULL_OPTIMISATION") == "1"
+REDUCED_OPTIMISATION_FLAG = "--xla_backend_optimization_level=0"
+if not FULL_OPTIMISATION and "xla_backend_optimization_level" not in _flags:
+    _flags += " " + REDUCED_OPTIMISATION_FLAG
+os.environ["XLA_FLAGS"] = _flags.strip()
 # TensorFlow (imported by tfds/clu) must never grab a GPU or print banners in tests.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
+
+CHILD_TEST = "test_module_under_the_production_compiler"
+
+
+def _reduced_optimisation() -> bool:
+    return "xla_backend_optimization_level=0" in os.environ.get("XLA_FLAGS", "")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "production_compiler: asserts about the float32 rounding of XLA's default "
+                                       "code generation; runs in a child process at that level")
+
+
+def pytest_collection_modifyitems(config, items):
+    """At the reduced level, a ``production_compiler`` module's tests run only inside its child process (its
+    ``test_module_under_the_production_compiler``), so they are skipped here, never dropped."""
+    if not _reduced_optimisation():
+        return
+    for item in items:
+        if item.get_closest_marker("production_compiler") and item.originalname != CHILD_TEST:
+            item.add_marker(pytest.mark.skip(reason=f"runs at XLA's default optimisation in {CHILD_TEST}"))
+
+
+@pytest.fixture
+def production_compiler_child():
+    """``run(test_file)``: the module's tests in a fresh pytest at XLA's default backend optimisation; fails the
+    calling test with the child's output if any of them fails. A no-op skip where this process is already at that
+    level (then the module's tests ran here)."""
+
+    def run(test_file: str) -> None:
+        if not _reduced_optimisation():
+            pytest.skip("this process compiles at XLA's default optimisation: the module's tests ran here")
+        flags = " ".join(flag for flag in os.environ["XLA_FLAGS"].split()
+                         if "xla_backend_optimization_level" not in flag)
+        env = {**os.environ, "XLA_FLAGS": flags, "LZN_TESTS_FULL_OPTIMISATION": "1"}
+        root = pathlib.Path(__file__).resolve().parents[1]
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
+                               cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+        assert child.returncode == 0, child.stdout[-8000:] + child.stderr[-3000:]
+
+    return run
 
 
 @pytest.fixture

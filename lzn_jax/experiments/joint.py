@@ -116,6 +116,21 @@ def _workdir(out: pathlib.Path, tag: str, seed: int) -> pathlib.Path:
     return out / f"{tag}_seed{seed}"
 
 
+def model_config(variants: Sequence[str], seed: int, *, smoke: bool = False) -> ml_collections.ConfigDict:
+    """The config of one of this experiment's LZN / RF runs (``configs/digits_joint.py`` with ``variants``) for
+    ``seed``; :mod:`lzn_jax.experiments.zones` rebuilds the joint model's with it, so it finds the same workdir."""
+    config = runs.seeded(runs.load_config(CONFIG, variants, smoke=smoke), seed)
+    if smoke:  # one compiled classifier (the alpha sweep's), not also the end-of-training one
+        config.train.accuracy_batch_size = 0
+        config.eval.accuracy_prior_scales = (0.0, 1.0)
+    return config
+
+
+def joint_workdir(out: pathlib.Path, seed: int) -> pathlib.Path:
+    """The joint model's workdir of ``seed`` in this experiment's output folder ``out``."""
+    return _workdir(out, GENERATIVE["RF+LZN (joint)"][0], seed)
+
+
 def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict:
     space = feature_space(out, smoke=smoke)
     count, steps = (64, 4) if smoke else (1000, 50)
@@ -124,11 +139,7 @@ def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict
                "pixel_logistic_regression": pixel_logistic_regression(), "runs": {}}
 
     def config_for(variants, seed):
-        config = runs.seeded(runs.load_config(CONFIG, variants, smoke=smoke), seed)
-        if smoke:  # one compiled classifier (the alpha sweep's), not also the end-of-training one
-            config.train.accuracy_batch_size = 0
-            config.eval.accuracy_prior_scales = (0.0, 1.0)
-        return config
+        return model_config(variants, seed, smoke=smoke)
 
     for seed in seeds:
         for setting, (tag, variants) in GENERATIVE.items():

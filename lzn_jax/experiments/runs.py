@@ -26,11 +26,15 @@ import numpy as np
 DEFAULT_SEEDS = (0, 1, 2)
 
 
-def parse_args(name: str, description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+def parse_args(name: str, description: str, argv: Sequence[str] | None = None, *,
+               extra_flags: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     """The flags every experiment takes: ``--out`` (default ``workdirs/experiments/<name>`` under the current
     directory), ``--seeds`` (comma-separated ints) and ``--smoke`` (the configs' ``:smoke`` variants, one seed and
-    tiny evaluations: a wiring check whose numbers mean nothing)."""
+    tiny evaluations: a wiring check whose numbers mean nothing); ``extra_flags(parser)`` adds an experiment's
+    own."""
     parser = argparse.ArgumentParser(prog=f"python -m lzn_jax.experiments.{name}", description=description)
+    if extra_flags is not None:
+        extra_flags(parser)
     parser.add_argument("--out", type=pathlib.Path, default=None,
                         help="output folder: one workdir per run, results.json, results.md and the figures "
                              f"(default workdirs/experiments/{name}, or {name}_smoke with --smoke)")
@@ -44,15 +48,17 @@ def parse_args(name: str, description: str, argv: Sequence[str] | None = None) -
     return args
 
 
-def command_line(name: str, description: str, run: Callable, argv: Sequence[str] | None = None) -> None:
+def command_line(name: str, description: str, run: Callable, argv: Sequence[str] | None = None, *,
+                 extra_flags: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """An experiment's ``main``: parses the flags (:func:`parse_args`), makes the entry points' process-wide
-    settings (quiet library logs, the compilation cache) and calls ``run(out, seeds, smoke=...)``."""
+    settings (quiet library logs, the compilation cache) and calls ``run(out, seeds, smoke=..., **extra)``, the
+    extra flags' values by their names."""
     from lzn_jax import entry
 
-    args = parse_args(name, description, argv)
+    args = vars(parse_args(name, description, argv, extra_flags=extra_flags))
     entry.quiet_library_logs()
     entry.enable_compilation_cache()
-    run(args.out, args.seeds, smoke=args.smoke)
+    run(args.pop("out"), args.pop("seeds"), **args)
 
 
 def _seeds(text: str) -> tuple[int, ...]:

@@ -32,20 +32,26 @@ def smoke_runs(tmp_path_factory) -> dict[str, tuple[pathlib.Path, subprocess.Com
     # compile once, and nothing is written under the home directory.
     env = {**os.environ, **ENV, "LZN_COMPILATION_CACHE": str(base / "xla_cache"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    started = {}
-    for name in EXPERIMENTS:
+
+    def start(name, *flags):
         out = base / name
-        command = [sys.executable, "-m", f"lzn_jax.experiments.{name}", "--smoke", f"--out={out}"]
-        started[name] = (out, subprocess.Popen(command, cwd=base, env=env, stdout=subprocess.PIPE,
-                                               stderr=subprocess.PIPE, text=True))
-    finished = {}
-    for name, (out, process) in started.items():
+        command = [sys.executable, "-m", f"lzn_jax.experiments.{name}", "--smoke", f"--out={out}", *flags]
+        return out, subprocess.Popen(command, cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+
+    def wait(out, process):
         try:
             stdout, stderr = process.communicate(timeout=2400)
         except subprocess.TimeoutExpired:
             process.kill()
             stdout, stderr = process.communicate()
-        finished[name] = (out, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+        return out, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    started = {name: start(name) for name in EXPERIMENTS}
+    finished = {"joint": wait(*started.pop("joint"))}
+    # The zones figures read the joint experiment's model (it is not trained twice).
+    started["zones"] = start("zones", f"--models={finished['joint'][0]}")
+    finished.update({name: wait(*run) for name, run in started.items()})
     return finished
 
 
@@ -111,6 +117,19 @@ def test_representation_experiment_smoke_probes_every_kind_of_features(smoke_run
     assert all(scores["knn_accuracy"] > 0.85 and scores["linear_accuracy"] > 0.85
                for scores in results["fixed"].values()), results["fixed"]
     assert "| SimCLR-style |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_zones_smoke_draws_its_figures_from_the_joint_model(smoke_runs):
+    out, results, records = smoke_results(smoke_runs, "zones")
+    assert "finished earlier" in smoke_runs["zones"][1].stdout  # the joint experiment's run, reused
+    (record,) = records.values()
+    assert sorted(record["by_batch_size"]["1.0"]) == ["16", "359"]
+    assert sorted(record["by_steps"]) == ["label_euler_steps", "latent_dpm_solver_steps"]
+    assert 0.0 <= record["inductive"]["1.0"] <= 1.0
+    for figure in ("zones.png", "accuracy_vs_batch_size.png", "accuracy_vs_solver_steps.png"):
+        assert (out / figure).stat().st_size > 0, figure
+    assert "inductive (B = 64)" in (out / "results.md").read_text()
 
 
 def test_nt_xent_equals_a_float64_loop():

@@ -16,6 +16,14 @@ from jax.test_util import check_grads
 from lzn_jax import zoning
 from lzn_jax.zoning import _dense, _evaluator, velocity
 
+# These compare float32 errors, which depend on the code XLA generates: at the default backend optimisation, as
+# users run it (in a child process when the suite compiles at the reduced level; tests/conftest.py).
+pytestmark = pytest.mark.production_compiler
+
+
+def test_module_under_the_production_compiler(production_compiler_child):
+    production_compiler_child(__file__)
+
 
 def near_duplicate_anchors(seed=0, pairs=32, dim=16, scale=5.0, gap=0.14):
     rng = np.random.default_rng(seed)
