@@ -138,13 +138,10 @@ def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict
                "num_samples": count, "sample_steps": steps, "classifier_test_accuracy": space.classifier.test_accuracy,
                "pixel_logistic_regression": pixel_logistic_regression(), "runs": {}}
 
-    def config_for(variants, seed):
-        return model_config(variants, seed, smoke=smoke)
-
     for seed in seeds:
         for setting, (tag, variants) in GENERATIVE.items():
             workdir = _workdir(out, tag, seed)
-            summary = runs.train(config_for(variants, seed), workdir)
+            summary = runs.train(model_config(variants, seed, smoke=smoke), workdir)
             model = api.load(workdir)
             quality, _ = sample_quality(model, space, seed=seed, count=count, steps=steps)
             record = {"seed": seed, "train_seconds": summary.get("seconds"), "steps": summary.get("step"), **quality}
@@ -152,7 +149,7 @@ def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict
                 record.update(classification_numbers(model, seed=seed))
             results["runs"].setdefault(setting, []).append(record)
 
-        config = config_for((), seed)
+        config = model_config((), seed, smoke=smoke)
         config.generation.rf_loss_weight = 0.0
         workdir = _workdir(out, "classification_only", seed)
         summary = runs.train(config, workdir)
@@ -160,7 +157,7 @@ def run(out: pathlib.Path, seeds: Sequence[int], *, smoke: bool = False) -> dict
             "seed": seed, "train_seconds": summary.get("seconds"), "steps": summary.get("step"),
             **classification_numbers(api.load(workdir), seed=seed)})
 
-        config = cross_entropy_config(config_for((), seed))
+        config = cross_entropy_config(model_config((), seed, smoke=smoke))
         params, info = runs.train_with_loss(config, cross_entropy_loss)
         results["runs"].setdefault(CROSS_ENTROPY, []).append({
             "seed": seed, "train_seconds": info["seconds"], "steps": info["steps"], "final_loss": info["final_loss"],

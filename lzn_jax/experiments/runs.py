@@ -105,12 +105,16 @@ def train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str,
     summary_file = workdir / "summary.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
-        if summary.get("finished") and not summary.get("stopped_early"):
+        if _reached_the_end(summary):
             print(f"{workdir}: finished earlier (step {summary['step']}), reusing it", flush=True)
             return summary
     from lzn_jax.train import loop  # imports TensorFlow (clu): only when an experiment trains
 
     return require_finished(loop.train(config, workdir), workdir)
+
+
+def _reached_the_end(summary: dict[str, Any]) -> bool:
+    return bool(summary.get("finished")) and not summary.get("stopped_early")
 
 
 def require_finished(summary: dict[str, Any], workdir: pathlib.Path) -> dict[str, Any]:
@@ -123,7 +127,7 @@ def require_finished(summary: dict[str, Any], workdir: pathlib.Path) -> dict[str
       RuntimeError: the run stopped before its last step; its checkpoint is kept, and rerunning the same command
         resumes it.
     """
-    if summary.get("finished") and not summary.get("stopped_early"):
+    if _reached_the_end(summary):
         return summary
     raise RuntimeError(f"{workdir}: training stopped at step {summary.get('step')} of {summary.get('last_step')} "
                        "before its end (preempted or interrupted); its checkpoint is kept: rerun the same command "

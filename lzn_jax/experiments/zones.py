@@ -124,24 +124,27 @@ def test_digits(model: api.Model) -> tuple[np.ndarray, np.ndarray]:
                              num_channels=train_state.encoder_input_channels(config.data))
 
 
+def batched_accuracy(classify_rows, order: np.ndarray, labels: np.ndarray, batch_size: int) -> float:
+    """Accuracy over ``labels`` of ``classify_rows(indices (batch_size,), k) -> classes``, called on the
+    :func:`cyclic_batches` of ``batch_size`` taken from ``order`` (a permutation of the rows); batch k counts only
+    the rows it predicts first."""
+    correct = 0
+    for k, (rows, new) in enumerate(cyclic_batches(len(order), batch_size)):
+        chosen = order[rows]
+        predicted = np.asarray(classify_rows(chosen, k))
+        correct += int(np.sum(predicted[:new] == labels[chosen[:new]]))
+    return correct / len(order)
+
+
 def accuracy_by_batch_size(model: api.Model, images, labels, *, seed: int, batch_sizes: Sequence[int],
                            alphas: Sequence[float]) -> dict[str, dict[str, float]]:
     """``{alpha: {B: test accuracy}}``, transductive: the test digits in a fixed random order (from ``seed``),
     classified in :func:`cyclic_batches` of B, each batch with its own prior draw."""
     order = np.random.default_rng(seed).permutation(len(labels))
     key = jax.random.key(seed)
-    table = {}
-    for alpha in alphas:
-        table[str(alpha)] = {}
-        for batch_size in batch_sizes:
-            correct = 0
-            for k, (rows, new) in enumerate(cyclic_batches(len(order), batch_size)):
-                chosen = order[rows]
-                predicted = np.asarray(api.classify(model, images[chosen], jax.random.fold_in(key, k),
-                                                    prior_scale=alpha))
-                correct += int(np.sum(predicted[:new] == labels[chosen[:new]]))
-            table[str(alpha)][str(batch_size)] = correct / len(labels)
-    return table
+    return {str(alpha): {str(batch_size): batched_accuracy(
+        lambda rows, k, alpha=alpha: api.classify(model, images[rows], jax.random.fold_in(key, k), prior_scale=alpha),
+        order, labels, batch_size) for batch_size in batch_sizes} for alpha in alphas}
 
 
 def inductive_accuracy(model: api.Model, images, labels, *, seed: int, alphas: Sequence[float],
@@ -151,15 +154,10 @@ def inductive_accuracy(model: api.Model, images, labels, *, seed: int, alphas: S
     train_images, _ = load_digits_split("train", image_size=images.shape[1], num_channels=images.shape[-1])
     context = api.anchors(model, train_images)
     key = jax.random.key(seed)
-    accuracy = {}
-    for alpha in alphas:
-        correct = 0
-        for k, (rows, new) in enumerate(cyclic_batches(len(labels), min(batch_size, len(labels)))):
-            predicted = np.asarray(api.classify(model, images[rows], jax.random.fold_in(key, k), mode="inductive",
-                                                context=context, prior_scale=alpha))
-            correct += int(np.sum(predicted[:new] == labels[rows[:new]]))
-        accuracy[str(alpha)] = correct / len(labels)
-    return accuracy
+    return {str(alpha): batched_accuracy(
+        lambda rows, k, alpha=alpha: api.classify(model, images[rows], jax.random.fold_in(key, k), mode="inductive",
+                                                  context=context, prior_scale=alpha),
+        np.arange(len(labels)), labels, min(batch_size, len(labels))) for alpha in alphas}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 5, 6))
