@@ -100,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.eps = 1e-8
     # Global L2 norm of the gradients of all trainable (unfrozen) modules is clipped to this.
     config.optim.grad_clip_norm = 1.0
+    # Modules with at most this many trainable values are updated (Adam, clipping, EMA) as one vector, larger ones
+    # leaf by leaf: the same numbers, but a vector compiles about twice as fast for small models and runs 3x slower
+    # for the paper's (lzn_jax/train/vectors.py; docs/design.md, "Optimisation").
+    config.optim.vector_update_max_size = 4_000_000
 
     config.ema = ml_collections.ConfigDict()
     # EMA decay per module; the effective decay is min(decay, (1 + n) / (10 + n)) with n the module's update count.

@@ -285,6 +285,7 @@ def convert(reference: Mapping[str, Any], config: ml_collections.ConfigDict) -> 
     """
     from lzn_jax.train import optim
     from lzn_jax.train.state import TrainState, build_modules, init_state
+    from lzn_jax.train.vectors import pack_params
 
     modules = build_modules(config)
     present = modules.present()
@@ -306,7 +307,7 @@ def convert(reference: Mapping[str, Any], config: ml_collections.ConfigDict) -> 
 
     zero = jnp.zeros((), jnp.int32)
     # One compiled init: run eagerly, every leaf's zeros would be compiled on its own.
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_state = jax.jit(lambda p: optimizer.init(pack_params(p, config.optim.vector_update_max_size)))(params)
     state = TrainState(
         step=jnp.asarray(iteration, jnp.int32), params=params, opt_state=opt_state,
         ema_params=ema_params, ema_counts=ema_counts,

@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from lzn_jax import models
+from lzn_jax.train.vectors import pack_params
 
 # The trainable modules, in the order of the reference's optimiser parameter groups.
 MODULES = ("encoder", "decoder", "label_anchors")
@@ -40,7 +41,8 @@ class TrainState:
     Attributes:
       step: int32 scalar, the number of steps taken (skipped updates included: their batch was consumed).
       params: ``{module: params}`` for every present module.
-      opt_state: the ``optax.multi_transform`` state (one Adam state and one step count per module).
+      opt_state: the ``optax.multi_transform`` state: one Adam state and one step count per module, its moments
+        in the form ``vectors.pack_params`` gives (one vector for a small module, the leaves for a large one).
       ema_params: ``{module: params}``, the exponential moving averages.
       ema_counts: ``{module: int32 scalar}``, successful EMA updates per module (the ``n`` of the warm-up).
       rng: typed PRNG key; step ``s`` uses ``fold_in(rng, s)``.
@@ -107,7 +109,7 @@ def init_state(
     return TrainState(
         step=zero,
         params=params,
-        opt_state=optimizer.init(params),
+        opt_state=optimizer.init(pack_params(params, config.optim.vector_update_max_size)),
         ema_params=jax.tree.map(jnp.copy, params),
         ema_counts={name: zero for name in params},
         rng=train_key,

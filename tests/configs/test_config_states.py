@@ -15,13 +15,13 @@ import json
 import math
 import os
 import pathlib
-import subprocess
 import sys
-import tempfile
 import traceback
 import types
 
 import pytest
+
+from tests import background
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # Files in configs/ that are not training settings: the shared schema and the zoning demo (another experiment).
@@ -104,16 +104,17 @@ def test_abstract_train_state(name, arg):
         assert scalar.shape == () and scalar.dtype == jnp.int32
     assert abstract.rng.shape == () and jax.dtypes.issubdtype(abstract.rng.dtype, jax.dtypes.prng_key)
 
-    # One Adam state per module, with moments for exactly its trainable (non-constant) params.
+    # One Adam state per module, with moments for exactly its trainable (non-constant) params: one vector for a
+    # small module, its leaves for a large one (the paper's encoders and decoders).
     inner = abstract.opt_state.inner_states
-    assert set(inner) == {*present, optim.CONSTANT}
-    labels = optim.param_labels(params)
+    assert set(inner) == set(present)
     for module in present:
+        leaves = jax.tree_util.tree_flatten_with_path(params[module])[0]
+        trainable = sum(math.prod(leaf.shape) for path, leaf in leaves if path[-1].key != "frequencies")
         adam = inner[module].inner_state[0]
-        trainable = sum(math.prod(leaf.shape) for leaf, label in zip(jax.tree.leaves(params[module]),
-                                                                      jax.tree.leaves(labels[module]), strict=True)
-                        if label == module)
         assert _size(adam.mu) == _size(adam.nu) == trainable > 0, module
+        as_vector = trainable <= config.optim.vector_update_max_size
+        assert len(adam.mu[module]) == (1 if as_vector else sum(path[-1].key != "frequencies" for path, _ in leaves))
         constants = counts[module] - trainable
         # Only the 256x256 decoder's Fourier time embedding holds constants (its frequencies: nf = 128 or smoke's 16).
         expected_constants = config.model[module].nf if config.model[module].get("embedding_type") == "fourier" else 0
@@ -196,40 +197,40 @@ def _smoke_main(names: list[str]) -> None:
         print(SMOKE_PREFIX + json.dumps(result), flush=True)
 
 
-@pytest.fixture(scope="module")
+def _smoke_worker(names: list[str]):
+    """A background job (tests/background.py): a fresh interpreter (one XLA flag for all its settings, no 8-device
+    set-up) that trains ``names`` in turn; ``{name: result}``. Compiling dominates: about 30-40 s of CPU per
+    setting."""
+
+    def body(_directory) -> dict[str, dict]:
+        env = {**os.environ, **SMOKE_ENV,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        process = background.run([sys.executable, __file__, *names], cwd=REPO, env=env, timeout=1800)
+        assert process.returncode == 0, process.stderr[-5000:]
+        results = {}
+        for line in process.stdout.splitlines():
+            if line.startswith(SMOKE_PREFIX):
+                result = json.loads(line[len(SMOKE_PREFIX):])
+                results[result["name"]] = result
+        return results
+
+    return body
+
+
+SMOKE_NAMES = [name for name in NAMES if "smoke" in load(name).VARIANTS]
+# Two workers, each taking every other setting, so that both lanes can train at once.
+SMOKE_JOBS = ("config_smokes_0", "config_smokes_1")
+for _index, _job in enumerate(SMOKE_JOBS):
+    background.register(_job, ("smoke_results",), _smoke_worker(SMOKE_NAMES[_index::len(SMOKE_JOBS)]),
+                        priority=1 + 4 * _index)
+
+
+@pytest.fixture(scope="session")
 def smoke_results() -> dict[str, dict]:
-    """Runs the smoke workers: fresh interpreters (one XLA flag for all of them, no 8-device set-up), at most two
-    at a time, each taking every other setting. Compiling dominates: about 30-40 s of CPU per setting."""
-    names = [name for name in NAMES if "smoke" in load(name).VARIANTS]
-    workers = max(1, min(2, os.cpu_count() or 1))
-    env = {**os.environ, **SMOKE_ENV,
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in range(workers)]
-    processes = [
-        subprocess.Popen([sys.executable, __file__, *names[i::workers]], cwd=REPO, env=env, stdout=stdout,
-                         stderr=stderr, text=True)
-        for i, (stdout, stderr) in enumerate(outputs)
-    ]
     results = {}
-    try:
-        for process, (stdout, stderr) in zip(processes, outputs, strict=True):
-            process.wait(timeout=1800)
-            stdout.seek(0)
-            stderr.seek(0)
-            assert process.returncode == 0, stderr.read()[-5000:]
-            for line in stdout.read().splitlines():
-                if line.startswith(SMOKE_PREFIX):
-                    result = json.loads(line[len(SMOKE_PREFIX):])
-                    results[result["name"]] = result
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        for files in outputs:
-            for file in files:
-                file.close()
-    assert sorted(results) == sorted(names), f"missing smoke results: {sorted(set(names) - set(results))}"
+    for job in SMOKE_JOBS:
+        results.update(background.wait(job))
+    assert sorted(results) == sorted(SMOKE_NAMES), f"missing smoke results: {sorted(set(SMOKE_NAMES) - set(results))}"
     return results
 
 

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from lzn_jax.experiments import runs
+from tests import background
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # One device and XLA's fastest compile: the smoke runs check wiring, and compiling dominates them.
@@ -20,39 +21,49 @@ ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"
        "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 
 
-EXPERIMENTS = ("generation", "joint", "representation")
-
-
-@pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory) -> dict[str, tuple[pathlib.Path, subprocess.CompletedProcess]]:
-    """Every experiment's ``--smoke`` run, all at once (compiling dominates; each is one process), from a directory
-    other than the repository: the command must not depend on the working directory."""
-    base = tmp_path_factory.mktemp("experiments")
-    # One compilation cache for the three: programs they share (the joint and classification-only models' classifier)
-    # compile once, and nothing is written under the home directory.
-    env = {**os.environ, **ENV, "LZN_COMPILATION_CACHE": str(base / "xla_cache"),
+def _smoke(name: str, out: pathlib.Path, *flags: str) -> subprocess.CompletedProcess:
+    """``python -m lzn_jax.experiments.NAME --smoke`` into ``out``, from a directory other than the repository (the
+    command must not depend on the working directory)."""
+    # One compilation cache for all of them: programs they share (the joint and classification-only models'
+    # classifier) compile once, and nothing is written under the home directory.
+    cache = background.directory("experiment_compilation_cache")
+    env = {**os.environ, **ENV, "LZN_COMPILATION_CACHE": str(cache),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", f"lzn_jax.experiments.{name}", "--smoke", f"--out={out / name}", *flags]
+    return background.run(command, cwd=out, env=env, timeout=2400)
 
-    def start(name, *flags):
-        out = base / name
-        command = [sys.executable, "-m", f"lzn_jax.experiments.{name}", "--smoke", f"--out={out}", *flags]
-        return out, subprocess.Popen(command, cwd=base, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
 
-    def wait(out, process):
-        try:
-            stdout, stderr = process.communicate(timeout=2400)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            stdout, stderr = process.communicate()
-        return out, subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-    started = {name: start(name) for name in EXPERIMENTS}
-    finished = {"joint": wait(*started.pop("joint"))}
+def _joint_then_zones(out: pathlib.Path) -> dict[str, tuple[pathlib.Path, subprocess.CompletedProcess]]:
+    joint = _smoke("joint", out)
     # The zones figures read the joint experiment's model (it is not trained twice).
-    started["zones"] = start("zones", f"--models={finished['joint'][0]}")
-    finished.update({name: wait(*run) for name, run in started.items()})
-    return finished
+    zones = _smoke("zones", out, f"--models={out / 'joint'}") if joint.returncode == 0 else joint
+    return {"joint": (out / "joint", joint), "zones": (out / "zones", zones)}
+
+
+def _one(name: str):
+    return lambda out: {name: (out / name, _smoke(name, out))}
+
+
+# Each experiment's smoke run is a background job (tests/background.py): they run beside the in-process tests.
+# The joint experiment and the zones figures drawn from its model are the longest chain, so they start first.
+JOBS = {"experiment_joint": ("joint", "zones"), "experiment_generation": ("generation",),
+        "experiment_representation": ("representation",)}
+background.register("experiment_joint", ("smoke_runs",), _joint_then_zones, priority=0)
+background.register("experiment_generation", ("smoke_runs",), _one("generation"), priority=4)
+background.register("experiment_representation", ("smoke_runs",), _one("representation"), priority=6)
+
+
+class SmokeRuns:
+    """``smoke_runs[name]`` -> ``(out, CompletedProcess)`` of one experiment's smoke run, once its job is done."""
+
+    def __getitem__(self, name: str) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
+        (job,) = [job for job, names in JOBS.items() if name in names]
+        return background.wait(job)[name]
+
+
+@pytest.fixture(scope="session")
+def smoke_runs() -> SmokeRuns:
+    return SmokeRuns()
 
 
 def smoke_results(smoke_runs, name: str) -> tuple[pathlib.Path, dict, dict[str, dict]]:

@@ -145,12 +145,20 @@ def _loss_and_outputs(modules, settings):
     return fn
 
 
-def test_sharded_loss_and_gradients_equal_unsharded(setup, eager_outputs):
+@pytest.fixture(scope="module")
+def dense_value_and_grad(setup):
+    """``((loss, outputs), grads)`` of the jitted, unsharded loss with the dense kernel (compiled once here)."""
+    modules, params, images, labels, key = setup
+    return tiny.jit(jax.value_and_grad(_loss_and_outputs(modules, SETTINGS), has_aux=True))(params, images, labels,
+                                                                                          key)
+
+
+def test_sharded_loss_and_gradients_equal_unsharded(setup, eager_outputs, dense_value_and_grad):
     """Under an 8-device mesh the latents and the label flow run under shard_map (latents_of,
     target_log_probs_of); the loss, its terms and the parameter gradients equal those of the unsharded run."""
     modules, params, images, labels, key = setup
     value_and_grad = jax.value_and_grad(_loss_and_outputs(modules, SETTINGS), has_aux=True)
-    (loss, outputs), grads = tiny.jit(value_and_grad)(params, images, labels, key)
+    (loss, outputs), grads = dense_value_and_grad
     np.testing.assert_allclose(float(loss), float(eager_outputs.loss), rtol=1e-5)
 
     mesh, rows = tiny.data_mesh_sharding()
@@ -230,7 +238,7 @@ def test_stage_masks_zero_exactly_the_terms_spec_says(setup):
     assert float(only_decoder.label_loss) == 0.0
 
 
-def test_a_config_can_choose_the_blockwise_kernel_and_gets_the_same_loss(setup, eager_outputs):
+def test_a_config_can_choose_the_blockwise_kernel_and_gets_the_same_loss(setup, eager_outputs, dense_value_and_grad):
     """``block_size`` in a config's solver blocks reaches the solver: the loss and its gradient through both flows
     equal the dense kernel's (float32), and the traced step streams over anchor blocks."""
     import dataclasses
@@ -247,8 +255,7 @@ def test_a_config_can_choose_the_blockwise_kernel_and_gets_the_same_loss(setup, 
     assert (blockwise.latent_options.block_size, blockwise.label_options.block_size) == (4, 5)
     value_and_grad = jax.jit(jax.value_and_grad(_loss_and_outputs(modules, blockwise), has_aux=True))
     (loss, outputs), grads = value_and_grad(params, images, labels, key)
-    (dense_loss, _), dense_grads = jax.jit(jax.value_and_grad(_loss_and_outputs(modules, SETTINGS), has_aux=True))(
-        params, images, labels, key)
+    _, dense_grads = dense_value_and_grad
     np.testing.assert_allclose(float(loss), float(eager_outputs.loss), rtol=2e-5)
     np.testing.assert_allclose(float(outputs.label_loss), float(eager_outputs.label_loss), rtol=2e-5)
     norm_error, max_error = tiny.tree_errors(grads, dense_grads)

@@ -8,6 +8,7 @@ tolerances, and the measurements behind them, are helpers.assert_same_training's
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tests.train import helpers
@@ -26,8 +27,15 @@ def test_eight_devices_train_like_one(kind):
 
 @pytest.fixture(scope="session")
 def joint_on_eight_devices():
-    """Computed before the test waits for the driver (fixtures of one scope are set up in signature order)."""
+    """Computed by the first test below, which runs among the in-process tests, while the driver (a background
+    job, tests/background.py) trains the one-device run that the second test compares it with."""
     return program("joint", 8).trajectory(2)
+
+
+def test_joint_on_eight_devices_takes_every_update(joint_on_eight_devices):
+    states, metrics = joint_on_eight_devices
+    assert [int(state.step) for state in states] == [0, 1, 2]
+    assert all(m["train/skipped"] == 0.0 and np.isfinite(m["train/loss"]) for m in metrics), metrics
 
 
 def test_eight_devices_train_like_one_joint(joint_on_eight_devices, driver_runs):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from lzn_jax.train import optim
+from lzn_jax.train import optim, vectors
 from lzn_jax.train.state import TrainState
 
 LR = {"encoder": 1e-2, "decoder": 3e-2, "label_anchors": 5e-2}
@@ -123,19 +123,28 @@ class Reference:
         return norm
 
 
-def adam_moments(opt_state, module: str):
-    """(mu, nu, count) of ``module``'s Adam, as ``{leaf path: array}`` of that module's (non-constant) leaves."""
+def adam_moments(opt_state, params, module: str, as_vector: bool):
+    """(mu, nu, count) of ``module``'s Adam, as ``{leaf path: array}`` of that module's (non-constant) leaves: its
+    moments are laid out as ``vectors.pack`` lays out the params (one vector, or the leaves)."""
     adam = opt_state.inner_states[module].inner_state[0]
-    return flat(adam.mu), flat(adam.nu), int(adam.count)
+
+    def as_leaves(packed):
+        tree = vectors.unpack(params[module], packed, as_vector)
+        return {(module, *path): value for path, value in flat(tree).items() if not is_constant((module, *path))}
+
+    return as_leaves(adam.mu[module]), as_leaves(adam.nu[module]), int(adam.count)
 
 
-def test_apply_gradients_matches_a_float64_reference():
+# 0: every module leaf by leaf; the default: these tiny modules as one vector each (vectors.py).
+@pytest.mark.parametrize("max_size", [0, common.base_config().optim.vector_update_max_size])
+def test_apply_gradients_matches_a_float64_reference(max_size):
     cfg = config()
+    cfg.optim.vector_update_max_size = max_size
     rng = np.random.default_rng(0)
     params = random_tree(rng, {"encoder": 1.0, "decoder": 1.0, "label_anchors": 1.0})
     optimizer = optim.make_optimizer(cfg, tuple(LR))
     zero = jnp.zeros((), jnp.int32)
-    state = TrainState(step=zero, params=jax.tree.map(jnp.asarray, params), opt_state=optimizer.init(params),
+    state = TrainState(step=zero, params=jax.tree.map(jnp.asarray, params), opt_state=optimizer.init(vectors.pack_params(params, max_size)),
                        ema_params=jax.tree.map(jnp.asarray, params), ema_counts=dict.fromkeys(LR, zero),
                        rng=jax.random.key(0), skipped_updates=zero, consecutive_skips=zero)
     apply = jax.jit(lambda s, g, loss: optim.apply_gradients(s, g, loss, optimizer=optimizer, config=cfg))
@@ -165,8 +174,9 @@ def test_apply_gradients_matches_a_float64_reference():
             np.testing.assert_allclose(got_ema[key], reference.ema[key], rtol=2e-6, atol=1e-7,
                                        err_msg=f"ema {key} {where}")
         for module in LR:
-            mu, nu, count = adam_moments(state.opt_state, module)
+            mu, nu, count = adam_moments(state.opt_state, state.params, module, max_size > 0)
             assert count == reference.adam_count[module], (module, where)
+            assert sorted(mu) == sorted(k for k in reference.mu if k[0] == module and not is_constant(k)), module
             for key in mu:
                 np.testing.assert_allclose(mu[key], reference.mu[key], rtol=1e-5, atol=1e-9,
                                            err_msg=f"mu {key} {where}")
@@ -189,3 +199,27 @@ def test_clip_by_global_norm_is_torchs(norm):
     np.testing.assert_allclose(float(got), norm, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(clipped["a"]), np.full(4, norm / 2.0 * min(1.0, 1.0 / (norm + 1e-6))),
                                rtol=1e-6)
+
+
+def test_packing_leaves_out_the_constants_and_unpacks_exactly():
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(jnp.asarray, random_tree(rng, {"encoder": 1.0, "decoder": 1.0, "label_anchors": 1.0}))
+    leaves = flat(params)
+    for as_vector in (True, False):
+        packed = vectors.pack_params(params, 10**9 if as_vector else 0)
+        for module in LR:
+            trainable = [leaves[k] for k in sorted(leaves)  # jax.tree.leaves order: sorted keys
+                         if k[0] == module and not is_constant(k)]
+            if as_vector:
+                (vector,) = packed[module]
+                np.testing.assert_array_equal(np.asarray(vector, np.float64), np.concatenate([t.ravel() for t in trainable]))
+            else:
+                assert [np.asarray(a, np.float64).tolist() for a in packed[module]] == [t.tolist() for t in trainable]
+        back = {m: vectors.unpack(params[m], jax.tree.map(lambda a: a + 1.0, packed[m]), as_vector) for m in LR}
+        for key, value in flat(back).items():
+            np.testing.assert_array_equal(value, leaves[key] if is_constant(key) else np.float32(leaves[key]) + 1.0)
+    assert vectors.trainable_size(params["decoder"]) == 4  # the 2x2 kernel; the 4 frequencies are not counted
+    with pytest.raises(ValueError, match="is not the vector of a tree of 4 trainable values"):
+        vectors.unpack(params["decoder"], [jnp.zeros(5)], True)
+    with pytest.raises(TypeError, match="pass vectors.pack_params"):
+        optim.make_optimizer(config(), tuple(LR)).init(params)
