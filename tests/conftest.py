@@ -107,7 +107,7 @@ def production_compiler_child():
     def run(test_file: str) -> None:
         if not _reduced_optimisation():
             pytest.skip("this process compiles at XLA's default optimisation: the module's tests ran here")
-        child = background.wait(_child_job(_resolved(test_file)))
+        child = background.wait(_child_job(test_file))
         assert child.returncode == 0, child.stdout[-8000:] + child.stderr[-3000:]
 
     return run

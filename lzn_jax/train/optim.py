@@ -17,7 +17,7 @@ import ml_collections
 import optax
 
 from lzn_jax.train.state import MODULES, TrainState
-from lzn_jax.train.vectors import CONSTANT, as_vector, pack, unpack
+from lzn_jax.train.vectors import as_vector, pack, unpack
 
 # torch.nn.utils.clip_grad_norm_ divides by (norm + 1e-6); kept so clipped updates match the reference's.
 _CLIP_EPS = 1e-6
@@ -167,7 +167,6 @@ def _schedule_count(inner_state) -> jax.Array:
 
 
 __all__ = [
-    "CONSTANT",
     "MODULES",
     "apply_gradients",
     "clip_by_global_norm",

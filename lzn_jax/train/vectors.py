@@ -12,8 +12,9 @@ So a module with at most ``config.optim.vector_update_max_size`` trainable value
 larger one leaf by leaf (docs/design.md, "Optimisation"). Either way the optimiser sees ``{module: [arrays]}``,
 a list of one vector or of the leaves, so one code path serves both.
 
-The Fourier time frequencies are constants of the model (:data:`CONSTANT`): they are in neither form, so no
-update, moment or EMA ever touches them.
+The Fourier time frequencies are constants of the model (:func:`is_constant`): they are in neither form, so no
+update, moment or EMA ever touches them, and they add nothing to the gradient norm, as in the reference, where they
+do not require gradients.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# Label of parameters that are constants of the model (the Fourier time frequencies): no Adam, no EMA, no
-# gradient-norm contribution, as in the reference, where they do not require gradients.
-CONSTANT = "constant"
 _CONSTANT_PARAM_NAMES = ("frequencies",)
 
 
@@ -53,9 +51,9 @@ def pack(tree: Any, vector: bool) -> list[jax.Array]:
     """One module's trainable values as the optimiser sees them: ``[(P,) vector]`` (raveled and concatenated in
     ``jax.tree.leaves`` order) or the trainable leaves themselves."""
     leaves = _trainable_leaves(tree)
-    if not vector or len(leaves) <= 1:
-        return [jnp.ravel(leaf) for leaf in leaves] if vector else leaves
-    return [jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])]
+    if not vector:
+        return leaves
+    return [jnp.concatenate([jnp.ravel(leaf) for leaf in leaves])] if leaves else []
 
 
 def unpack(tree: Any, packed: list[jax.Array], vector: bool) -> Any:
@@ -89,7 +87,6 @@ def pack_params(params: dict[str, Any], max_size: int) -> dict[str, list[jax.Arr
 
 
 __all__ = [
-    "CONSTANT",
     "as_vector",
     "is_constant",
     "pack",

@@ -46,18 +46,19 @@ def _one(name: str):
 
 # Each experiment's smoke run is a background job (tests/background.py): they run beside the in-process tests.
 # The joint experiment and the zones figures drawn from its model are the longest chain, so they start first.
-JOBS = {"experiment_joint": ("joint", "zones"), "experiment_generation": ("generation",),
-        "experiment_representation": ("representation",)}
-background.register("experiment_joint", ("smoke_runs",), _joint_then_zones, priority=0)
-background.register("experiment_generation", ("smoke_runs",), _one("generation"), priority=4)
-background.register("experiment_representation", ("smoke_runs",), _one("representation"), priority=6)
+# {job: (the experiments it runs, its body, its priority)}
+JOBS = {"experiment_joint": (("joint", "zones"), _joint_then_zones, 0),
+        "experiment_generation": (("generation",), _one("generation"), 4),
+        "experiment_representation": (("representation",), _one("representation"), 6)}
+for _job, (_, _body, _priority) in JOBS.items():
+    background.register(_job, ("smoke_runs",), _body, priority=_priority)
 
 
 class SmokeRuns:
     """``smoke_runs[name]`` -> ``(out, CompletedProcess)`` of one experiment's smoke run, once its job is done."""
 
     def __getitem__(self, name: str) -> tuple[pathlib.Path, subprocess.CompletedProcess]:
-        (job,) = [job for job, names in JOBS.items() if name in names]
+        (job,) = [job for job, (names, _, _) in JOBS.items() if name in names]
         return background.wait(job)[name]
 
 

@@ -41,13 +41,8 @@ def subprocess_env(cache_dir: pathlib.Path | None, *, devices: int = SUBPROCESS_
 
 
 def compile_cache_dir() -> pathlib.Path:
-    return background.directory("train_compile_cache")
-
-
-@pytest.fixture(scope="session")
-def compile_cache() -> pathlib.Path:
     """The persistent compilation cache that driver.py and the subprocess tests of this folder share."""
-    return compile_cache_dir()
+    return background.directory("train_compile_cache")
 
 
 # Set to the output directory of a finished ``driver.py runs OUT`` to reuse it instead of running the driver again
@@ -66,8 +61,9 @@ def _run_driver(out: pathlib.Path) -> None:
     if os.environ.get(REUSE_ENV):
         return
     with open(out / "driver.log", "w") as log:
-        process = background.run([sys.executable, str(DRIVER), "runs", str(out)], env=subprocess_env(compile_cache_dir()),
-                                 stdout=log, stderr=subprocess.STDOUT, cwd=REPO, timeout=DRIVER_TIMEOUT_S)
+        process = background.run([sys.executable, str(DRIVER), "runs", str(out)],
+                                 env=subprocess_env(compile_cache_dir()), stdout=log, stderr=subprocess.STDOUT,
+                                 cwd=REPO, timeout=DRIVER_TIMEOUT_S)
     if process.returncode != 0 or not (out / "results.json").exists():
         log = (out / "driver.log").read_text(errors="replace")
         pytest.fail(f"driver.py failed ({process.returncode}):\n{log[-6000:]}")
