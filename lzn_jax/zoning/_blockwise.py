@@ -3,18 +3,17 @@
 Its residuals are ``(B,)`` statistics only, so memory does not grow with the number of anchors N: it is
 O(B * block_size * D). Its backward pass recomputes each block, and must meet the forward's log-normaliser
 exactly; the matmul expansion of the logits cannot promise that in float32 (at t = 1e-4 its terms are ~1e8 and
-two compilations of it differ by tens, so exp() overflows). It therefore computes the logits
-``-|x - (1 - t) a|^2 / (2 t^2)`` from exact differences. docs/numerics.md, "The blockwise kernel".
+two compilations of it differ by tens, so exp() overflows). It therefore computes its logits from exact gaps
+between anchors. docs/numerics.md, "The blockwise kernel".
 
-It comes in two variants, with the same streaming and the same two backward sweeps:
+Both variants measure each row from a pivot anchor ``r_b``, so that nothing anchor-sized has to cancel where a
+row sits in its own zone, which is where the 1/t^2 scale of the logits amplifies every rounding error:
 
-* :func:`blockwise_posterior` measures from the origin (the reverse flows): it takes the absolute points ``x``
-  and returns the absolute mean;
-* :func:`blockwise_pivot_posterior` measures from a per-row pivot ``r_b`` (the row's own anchor in the forward
-  flow): it takes the small offset ``q_b = x_b - (1 - t) r_b``, computes its logits from the exact pivot gaps
-  ``r_b - a_j``, and returns the mean relative to the pivot, ``sum_j p_bj (a_j - r_b)``. Nothing anchor-sized
-  then has to cancel, in either pass, where a row sits in its own zone, which is where the 1/t^2 scale of the
-  logits amplifies every rounding error.
+* :func:`blockwise_pivot_posterior` takes the pivots (the rows' own anchors in the forward flow) and the small
+  offset ``q_b = x_b - (1 - t) r_b``, computes its logits from the exact pivot gaps ``r_b - a_j``, and returns
+  the mean relative to the pivot, ``sum_j p_bj (a_j - r_b)``, and the log posterior of one target anchor per row;
+* :func:`blockwise_posterior` (the reverse flows) takes absolute points, picks as each row's pivot its most
+  probable anchor (a cheap matmul pass over the blocks) and calls the pivot variant.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lzn_jax.zoning._dense import HIGHEST, offset_from, split_blocks
 
@@ -31,12 +31,6 @@ def _finite_or_zero(value):
     # A block (or a whole row) whose anchors all have zero weight has max logit -inf; shifting by it would
     # compute -inf - (-inf) = NaN.
     return jnp.where(jnp.isfinite(value), value, 0.0)
-
-
-def _block_logits(x, anchors, block_log_weights, time, distance_scale):
-    """Exact-difference logits of one block: (B, block) and the differences ``x - (1 - t) a`` (B, block, D)."""
-    differences = offset_from(x[:, None, :], anchors[None, :, :], time)
-    return block_log_weights - distance_scale * jnp.sum(differences * differences, axis=-1), differences
 
 
 def _sums_over_last_axis(*arrays):
@@ -97,33 +91,35 @@ def _rescaled(running_max, logits):
     return new_max, jnp.exp(running_max - shift), jnp.exp(logits - shift[:, None])
 
 
-def _blockwise_statistics(x, context, log_weights, time, distance_scale, block_size):
-    """Streams over anchor blocks.
+def _expansion_argmax(x, context, log_weights, time, distance_scale, block_size):
+    """(B,) int32 index of each row's most probable anchor by the matmul expansion of the logits, streamed over
+    anchor blocks.
 
-    Returns:
-      ``(mean (B, D), log-sum-exp of the logits (B,), index of each row's largest logit (B,) int32)``.
+    Only a pivot: the expansion's rounding (about ``(1 - t) / t^2 |x| |a|`` times the rounding unit) may pick a
+    near-tie instead of the largest logit, which costs nothing, since the pivot kernel streams its own running
+    maximum and is exact for any pivot; a pivot near the mass is what keeps its products small.
     """
     blocks = split_blocks(context, block_size, 0.0)
     weight_blocks = split_blocks(log_weights, block_size, -jnp.inf)
+    inner_scale = 2.0 * distance_scale * (1.0 - time)
+    norm_scale = distance_scale * (1.0 - time) ** 2
 
-    def accumulate(carry, block):
-        running_max, running_sum, running_weighted, running_argmax = carry
+    def best_so_far(carry, block):
+        best, best_index = carry
         anchors, block_log_weights, start = block
-        logits, _ = _block_logits(x, anchors, block_log_weights, time, distance_scale)
-        block_max = jnp.max(logits, axis=-1)
-        argmax = jnp.where(block_max > running_max, start + jnp.argmax(logits, axis=-1).astype(jnp.int32),
-                           running_argmax)
-        new_max, rescale, probs = _rescaled(running_max, logits)
-        running_sum = running_sum * rescale + jnp.sum(probs, axis=-1)
-        running_weighted = running_weighted * rescale[:, None] + jnp.matmul(probs, anchors, precision=HIGHEST)
-        return (new_max, running_sum, running_weighted, argmax), None
+        logits = (block_log_weights + inner_scale * jnp.matmul(x, anchors.T, precision=HIGHEST)
+                  - norm_scale * jnp.sum(anchors * anchors, axis=-1))
+        block_best = jnp.max(logits, axis=-1)
+        better = block_best > best
+        index = jnp.where(better, start + jnp.argmax(logits, axis=-1).astype(jnp.int32), best_index)
+        return (jnp.where(better, block_best, best), index), None
 
     # Built from x so that, inside shard_map, the carries vary over the same mesh axes as the scan's outputs.
     row = x[:, 0]
-    init = (jnp.full_like(row, -jnp.inf), jnp.zeros_like(row), jnp.zeros_like(x), jnp.zeros_like(row, jnp.int32))
+    init = (jnp.full_like(row, -jnp.inf), jnp.zeros_like(row, jnp.int32))
     starts = _block_starts(blocks.shape[0], block_size)
-    (row_max, row_sum, weighted, argmax), _ = jax.lax.scan(accumulate, init, (blocks, weight_blocks, starts))
-    return weighted / row_sum[:, None], _finite_or_zero(row_max) + jnp.log(row_sum), argmax
+    (_, index), _ = jax.lax.scan(best_so_far, init, (blocks, weight_blocks, starts))
+    return index
 
 
 def _pivot_statistics(query, context, pivots, log_weights, time, distance_scale, block_size):
@@ -163,103 +159,51 @@ def _unblocked(g_blocks, g_weight_blocks, context):
     return g_blocks.reshape((-1, context.shape[1]))[:n], g_weight_blocks.reshape(-1)[:n]
 
 
-# ------------------------------------------------------------------------------------------------ from origin
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def blockwise_posterior(x, context, log_weights, time, distance_scale, block_size):
-    """``(mean (B, D), log_normaliser (B,))`` of the posterior at one time, over anchor blocks of ``block_size``.
-
-    Args:
-      x: (B, D) points; context: (N, D) anchors; log_weights: (N,); time, distance_scale: scalars
-      ``t`` and ``1 / (2 t^2)``; block_size: static int.
-    Returns:
-      the posterior mean and ``logsumexp_j logits_bj``, from which one anchor's log posterior follows
-      (:func:`target_log_probs`).
-    """
-    return _blockwise_statistics(x, context, log_weights, time, distance_scale, block_size)[:2]
-
-
-def _blockwise_posterior_fwd(x, context, log_weights, time, distance_scale, block_size):
-    mean, log_normaliser, pivot = _blockwise_statistics(x, context, log_weights, time, distance_scale, block_size)
-    return (mean, log_normaliser), (x, context, log_weights, time, distance_scale, log_normaliser, pivot)
-
-
-def _blockwise_posterior_bwd(block_size, residuals, cotangents):
-    """Recomputes each block twice. The recomputed posterior may differ from the forward's by rounding, and
-    near t = 0 the 1/t^2 scale amplifies any mismatch in ``g_probs_j - sum_k probs_k g_probs_k`` by ~1e8. So
-    the products are taken relative to each row's pivot (its largest forward logit) from exact differences,
-    ``<g_mean, a_j - a_pivot>``, which is exactly zero at the pivot: a one-hot row then gets exactly zero
-    logit cotangents, however the recomputation rounds."""
-    x, context, log_weights, time, distance_scale, log_normaliser, pivot = residuals
-    g_mean, g_log_normaliser = cotangents
-    n = context.shape[0]
-    blocks = split_blocks(context, block_size, 0.0)
-    weight_blocks = split_blocks(log_weights, block_size, -jnp.inf)
-    pivot_anchors = context[pivot]
-
-    def block_posterior(block):
-        anchors, block_log_weights = block
-        logits, differences = _block_logits(x, anchors, block_log_weights, time, distance_scale)
-        probs = jnp.exp(logits - log_normaliser[:, None])
-        relative_g_probs = jnp.einsum("bd,bjd->bj", g_mean, anchors[None, :, :] - pivot_anchors[:, None, :],
-                                      precision=HIGHEST)
-        return probs, relative_g_probs, differences
-
-    def accumulate_row_dot(row_dot, block):
-        probs, relative_g_probs, _ = block_posterior(block)
-        return row_dot + jnp.sum(probs * relative_g_probs, axis=-1), None
-
-    row_dot, _ = jax.lax.scan(accumulate_row_dot, jnp.zeros_like(log_normaliser), (blocks, weight_blocks))
-    # d lse / d logits = probs, so the log-normaliser's cotangent enters as a constant shift of g_probs.
-    shift = (g_log_normaliser - row_dot)[:, None]
-
-    def block_cotangents(g_x, block):
-        probs, relative_g_probs, differences = block_posterior(block)
-        g_logits = probs * (relative_g_probs + shift)
-        # logits = -distance_scale |x - (1 - t) a|^2: d/dx = -2 distance_scale (...), d/da = +2 distance_scale (1 - t) (...).
-        weighted_differences = (2.0 * distance_scale) * g_logits[:, :, None] * differences
-        g_anchors = (jnp.matmul(probs.T, g_mean, precision=HIGHEST)
-                     + (1.0 - time) * jnp.sum(weighted_differences, axis=0))
-        return g_x - jnp.sum(weighted_differences, axis=1), (g_anchors, jnp.sum(g_logits, axis=0))
-
-    g_x, (g_blocks, g_weight_blocks) = jax.lax.scan(block_cotangents, jnp.zeros_like(x), (blocks, weight_blocks))
-    g_context = g_blocks.reshape((-1, context.shape[1]))[:n]
-    g_log_weights = g_weight_blocks.reshape(-1)[:n]
-    return g_x, g_context, g_log_weights, jnp.zeros_like(time), jnp.zeros_like(distance_scale)
-
-
-blockwise_posterior.defvjp(_blockwise_posterior_fwd, _blockwise_posterior_bwd)
-
-
 # ------------------------------------------------------------------------------------------------ from pivots
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def blockwise_pivot_posterior(query, context, pivots, log_weights, time, distance_scale, block_size):
-    """``(mean_offset (B, D), log_normaliser (B,))``: the posterior mean relative to each row's pivot.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def blockwise_pivot_posterior(query, context, pivots, log_weights, targets, time, distance_scale, block_size):
+    """``(mean_offset (B, D), log_normaliser (B,), target_log_probs (B,))``, measured from each row's pivot.
 
     Args:
       query: (B, D) ``x_b - (1 - t) r_b``, formed without cancellation by the caller; context: (N, D);
-      pivots: (B, D) the ``r_b``; log_weights: (N,); time, distance_scale: ``t`` and ``1 / (2 t^2)``;
+      pivots: (B, D) the ``r_b``; log_weights: (N,); targets: (B,) int, the anchor whose log posterior each
+      row records (any valid index where nothing is recorded); time, distance_scale: ``t`` and ``1 / (2 t^2)``;
       block_size: static int.
     Returns:
-      ``sum_j p_bj (a_j - r_b)`` and the log-normaliser of the logits measured from the pivot
-      (:func:`_pivot_block_reductions`), which is :func:`blockwise_posterior`'s at ``x = query + (1 - t) pivots``
-      plus ``|query|^2 / (2 t^2)``; :func:`pivot_target_log_probs` takes it.
+      ``sum_j p_bj (a_j - r_b)``; the log-normaliser of the logits measured from the pivot
+      (:func:`_pivot_block_reductions`), which is the absolute one at ``x = query + (1 - t) pivots`` plus
+      ``|query|^2 / (2 t^2)``; and ``log p_b(targets_b)``. The target's log posterior is an output of the
+      kernel, not formed from the log-normaliser by its caller, so that the backward pass can combine its two
+      paths (the target's own logit and the normaliser) before they are summed: late in a reverse flow each
+      is about ``1 / t^2`` times larger than their sum.
     """
-    return _pivot_statistics(query, context, pivots, log_weights, time, distance_scale, block_size)
+    mean_offset, log_normaliser = _pivot_statistics(query, context, pivots, log_weights, time, distance_scale,
+                                                    block_size)
+    return mean_offset, log_normaliser, _target_log_probs(query, pivots, context[targets], log_weights[targets],
+                                                          time, distance_scale, log_normaliser)
 
 
-def _blockwise_pivot_posterior_fwd(query, context, pivots, log_weights, time, distance_scale, block_size):
-    outputs = _pivot_statistics(query, context, pivots, log_weights, time, distance_scale, block_size)
-    return outputs, (query, context, pivots, log_weights, time, distance_scale, outputs[1])
+def _blockwise_pivot_posterior_fwd(query, context, pivots, log_weights, targets, time, distance_scale, block_size):
+    outputs = blockwise_pivot_posterior(query, context, pivots, log_weights, targets, time, distance_scale,
+                                        block_size)
+    return outputs, (query, context, pivots, log_weights, targets, time, distance_scale, outputs[1])
 
 
 def _blockwise_pivot_posterior_bwd(block_size, residuals, cotangents):
-    """Two sweeps over the blocks, as in the origin variant, with the row's own pivot in place of its largest
-    logit: ``<g_mean, a_j - r_b>`` is ``-<g_mean, g_j>`` of the exact gaps, formed in the same pass as the
-    logits, and exactly zero at the pivot.
+    """Two sweeps over the blocks, each recomputing the posterior from the exact pivot gaps.
+
+    * **Mean cotangent relative to the pivot.** ``<g_mean, a_j - r_b>`` is ``-<g_mean, g_j>`` of the exact
+      gaps, formed in the same pass as the logits, and exactly zero at the pivot: a row whose posterior is
+      one-hot at its pivot gets exactly zero logit cotangents, however the recomputation rounds.
+    * **Normalised by the first sweep's own sum** of ``exp(logit - log_normaliser)``, so that the recomputed
+      probabilities sum to one whatever the forward pass's rounding was.
+    * **The target's two paths combined first.** The target's own logit adds its cotangent ``g`` to its
+      column and the normaliser subtracts ``p_j g`` from every column, so the target's column gets
+      ``(1 - p_t) g``, with ``1 - p_t`` formed as the sum of the other columns' probabilities. Summed after the
+      fact, each path's share of the query's and the anchors' cotangents is ``~1/t^2`` times larger than their
+      sum, which is then rounding noise where the target holds the mass.
 
     The query enters the logits only through ``-2 distance_scale (1 - t) <q, g_j>``, so its cotangent is
     ``2 distance_scale (1 - t) sum_j G_bj (a_j - r_b)``, and the anchors' share through the logits is
@@ -268,30 +212,41 @@ def _blockwise_pivot_posterior_bwd(block_size, residuals, cotangents):
     in the terms that hold the gaps: ``G' @ A - rowsum(G') r`` and ``G'.T @ R - colsum(G') a``. The left-out
     entries add exactly nothing to either sum, and without them neither product holds the large own-anchor term
     early in the flow, so neither cancels to a small result (the dense pivot kernel does the same)."""
-    query, context, pivots, log_weights, time, distance_scale, log_normaliser = residuals
-    g_mean, g_log_normaliser = cotangents
+    query, context, pivots, log_weights, targets, time, distance_scale, log_normaliser = residuals
+    g_mean, g_log_normaliser, g_target = cotangents
     query, pivots = _tied(query, pivots)
     blocks = split_blocks(context, block_size, 0.0)
     weight_blocks = split_blocks(log_weights, block_size, -jnp.inf)
+    starts = _block_starts(blocks.shape[0], block_size)
 
     def block_posterior(block):
-        anchors, block_log_weights = block
+        anchors, block_log_weights, start = block
         products, squared_gaps, gap_g_mean = _pivot_block_reductions(query, pivots, anchors, time, g_mean)
         logits = _pivot_logits(products, block_log_weights, time, distance_scale)
-        return jnp.exp(logits - log_normaliser[:, None]), -gap_g_mean, squared_gaps == 0
+        is_target = (start + jnp.arange(anchors.shape[0], dtype=targets.dtype))[None, :] == targets[:, None]
+        return jnp.exp(logits - log_normaliser[:, None]), -gap_g_mean, squared_gaps == 0, is_target
 
-    def accumulate_row_dot(row_dot, block):
-        probs, relative_g_probs, _ = block_posterior(block)
-        return row_dot + jnp.sum(probs * relative_g_probs, axis=-1), None
+    def accumulate_sums(carry, block):
+        total, others_total, row_dot = carry
+        unnormalised, relative_g_probs, _, is_target = block_posterior(block)
+        return (total + jnp.sum(unnormalised, axis=-1),
+                others_total + jnp.sum(jnp.where(is_target, 0.0, unnormalised), axis=-1),
+                row_dot + jnp.sum(unnormalised * relative_g_probs, axis=-1)), None
 
-    row_dot, _ = jax.lax.scan(accumulate_row_dot, jnp.zeros_like(log_normaliser), (blocks, weight_blocks))
-    # d lse / d logits = probs, so the log-normaliser's cotangent enters as a constant shift of g_probs.
-    shift = (g_log_normaliser - row_dot)[:, None]
+    zeros = jnp.zeros_like(log_normaliser)
+    (total, others_total, row_dot), _ = jax.lax.scan(accumulate_sums, (zeros, zeros, zeros),
+                                                     (blocks, weight_blocks, starts))
+    # The normaliser's cotangent enters as a constant shift of g_probs (d lse / d logits = probs); the
+    # target's own logit adds g_target to its column, and its normaliser path, -g_target, joins the shift.
+    shift = (g_log_normaliser - g_target - row_dot / total)[:, None]
+    target_share = (g_target * others_total / total)[:, None]  # (1 - p_t) g_target, without cancellation
 
     def block_cotangents(g_query, block):
         anchors = block[0]
-        probs, relative_g_probs, at_pivot = block_posterior(block)
-        g_logits = probs * (relative_g_probs + shift)
+        unnormalised, relative_g_probs, at_pivot, is_target = block_posterior(block)
+        probs = unnormalised / total[:, None]
+        at_target = probs * (relative_g_probs + shift + g_target[:, None]) + target_share
+        g_logits = jnp.where(is_target, at_target, probs * (relative_g_probs + shift))
         others = jnp.where(at_pivot, 0.0, g_logits)
         g_query = g_query + (jnp.matmul(others, anchors, precision=HIGHEST)
                              - jnp.sum(others, axis=-1, keepdims=True) * pivots)
@@ -304,38 +259,52 @@ def _blockwise_pivot_posterior_bwd(block_size, residuals, cotangents):
         return g_query, (g_anchors, jnp.sum(g_logits, axis=0))
 
     g_query, (g_blocks, g_weight_blocks) = jax.lax.scan(block_cotangents, jnp.zeros_like(g_mean),
-                                                        (blocks, weight_blocks))
+                                                        (blocks, weight_blocks, starts))
     g_query = (2.0 * distance_scale * (1.0 - time)) * g_query
     g_context, g_log_weights = _unblocked(g_blocks, g_weight_blocks, context)
     # The logits are those at x = q + (1 - t) r plus |q|^2 / (2 t^2), and the output has -r subtracted (its
-    # weights sum to one). The forward flow's pivots are constants, so this is discarded there.
+    # weights sum to one). Both callers hold the pivots constant, so this is discarded there.
     g_pivots = ((1.0 - time) * (g_query - (2.0 * distance_scale * g_log_normaliser)[:, None] * query)
                 - g_mean)
-    return (g_query, g_context, g_pivots, g_log_weights, jnp.zeros_like(time), jnp.zeros_like(distance_scale))
+    g_targets = np.zeros(targets.shape, jax.dtypes.float0)
+    return (g_query, g_context, g_pivots, g_log_weights, g_targets, jnp.zeros_like(time),
+            jnp.zeros_like(distance_scale))
 
 
 blockwise_pivot_posterior.defvjp(_blockwise_pivot_posterior_fwd, _blockwise_pivot_posterior_bwd)
 
 
-def pivot_target_log_probs(query, pivots, targets_context, target_log_weights, time, distance_scale,
-                           log_normaliser):
-    """(B,) log posterior of one given anchor per row, from :func:`blockwise_pivot_posterior`'s log normaliser.
+def _target_log_probs(query, pivots, targets_context, target_log_weights, time, distance_scale, log_normaliser):
+    """(B,) log posterior of one given anchor per row (its pivot logit minus the log-normaliser).
 
     Args:
       query, pivots: as for :func:`blockwise_pivot_posterior`; targets_context: (B, D) each row's target
-      anchor; target_log_weights: (B,); log_normaliser: (B,) from :func:`blockwise_pivot_posterior`.
+      anchor; target_log_weights: (B,); log_normaliser: (B,) of the pivot logits. Exactly the target's
+      log-weight minus the log-normaliser where the target is the pivot.
     """
     gap = pivots - targets_context
     product = jnp.sum(gap * ((query + (1.0 - time) * gap) + query), axis=-1)
     return _pivot_logits(product, target_log_weights, time, distance_scale) - log_normaliser
 
 
-def target_log_probs(x, targets_context, target_log_weights, time, distance_scale, log_normaliser):
-    """(B,) log posterior of one given anchor per row, from the row's log normaliser.
+# ------------------------------------------------------------------------------------------------ from origin
+
+
+def blockwise_posterior(x, context, log_weights, targets, time, distance_scale, block_size):
+    """``(mean (B, D), residual (B, D), target_log_probs (B,))`` at one time; ``residual = x - mean``.
+
+    Each row is measured from its most probable anchor ``a_p`` (:func:`_expansion_argmax`), a constant for
+    differentiation (the posterior does not depend on it): the pivot kernel gets the offset
+    ``x - (1 - t) a_p``, and the mean and the residual are formed from its mean offset as
+    ``a_p + sum_j p_j (a_j - a_p)`` and ``(x - a_p) - sum_j p_j (a_j - a_p)``, so that neither is the
+    difference of anchor-sized numbers where the row's mass sits at ``a_p``.
 
     Args:
-      x: (B, D) points; targets_context: (B, D) each row's target anchor; target_log_weights: (B,) their log
-      weights; time, distance_scale: as in :func:`blockwise_posterior`; log_normaliser: (B,) from it.
+      x: (B, D) points; context: (N, D) anchors; log_weights: (N,); targets: (B,) int (see
+      :func:`blockwise_pivot_posterior`); time, distance_scale: ``t`` and ``1 / (2 t^2)``; block_size: static.
     """
-    difference = offset_from(x, targets_context, time)
-    return target_log_weights - distance_scale * jnp.sum(difference * difference, axis=-1) - log_normaliser
+    pivots = jax.lax.stop_gradient(
+        context[_expansion_argmax(x, context, log_weights, time, distance_scale, block_size)])
+    mean_offset, _, recorded = blockwise_pivot_posterior(offset_from(x, pivots, time), context, pivots,
+                                                         log_weights, targets, time, distance_scale, block_size)
+    return pivots + mean_offset, (x - pivots) - mean_offset, recorded

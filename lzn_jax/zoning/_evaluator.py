@@ -123,26 +123,22 @@ def make_evaluator(
     def evaluate(state, coefficients):
         scales = cast_coefficients(coefficients, dtype)
         if block_size is not None:
+            # The kernel records the target's log posterior itself (its backward pass combines the target's two
+            # paths); where nothing is recorded it records column 0, which nothing reads.
+            recorded_index = jnp.zeros((state.shape[0],), jnp.int32) if targets is None else targets
             if origin is None:
-                operands = match_varying_axes(state, context, log_weights, scales.time, scales.distance_scale)
-                prediction, log_normaliser = _blockwise.blockwise_posterior(*operands, int(block_size))
+                operands = match_varying_axes(state, context, log_weights, recorded_index, scales.time,
+                                              scales.distance_scale)
+                prediction, residual, recorded = _blockwise.blockwise_posterior(*operands, int(block_size))
             else:
                 # As for the dense kernel: the offset x - (1 - t) r = state + t r keeps its own precision, and
                 # the kernel returns the mean relative to the pivots, so the small state never meets r.
                 query = state + scales.time * origin.pivots
-                operands = match_varying_axes(query, context, origin.pivots, log_weights, scales.time,
-                                              scales.distance_scale)
-                prediction, log_normaliser = _blockwise.blockwise_pivot_posterior(*operands, int(block_size))
-            recorded = None
-            if record == RECORD_TARGETS and origin is None:
-                recorded = _blockwise.target_log_probs(
-                    state, context[targets], log_weights[targets], scales.time, scales.distance_scale,
-                    log_normaliser)
-            elif record == RECORD_TARGETS:
-                recorded = _blockwise.pivot_target_log_probs(
-                    query, origin.pivots, context[targets], log_weights[targets], scales.time,
-                    scales.distance_scale, log_normaliser)
-            return Evaluation(prediction, state - prediction, recorded)
+                operands = match_varying_axes(query, context, origin.pivots, log_weights, recorded_index,
+                                              scales.time, scales.distance_scale)
+                prediction, _, recorded = _blockwise.blockwise_pivot_posterior(*operands, int(block_size))
+                residual = state - prediction
+            return Evaluation(prediction, residual, recorded if record == RECORD_TARGETS else None)
         if origin is None:
             operands = match_varying_axes(state, context, _dense.squared_norms(context), log_weights,
                                           scales.inner_scale, scales.norm_scale, scales.time, scales.distance_scale)

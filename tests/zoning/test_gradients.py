@@ -177,11 +177,12 @@ def test_blockwise_float32_gradients_stay_close_to_float64(solver, bound):
     assert np.max(np.abs(got - expected)) / np.max(np.abs(expected)) < bound
 
 
-def test_blockwise_pivot_kernel_values_and_gradients(x64):
-    """The pivot variant against the origin variant at ``x = q + (1 - t) r``: the same mean (relative to the
-    pivots), a log-normaliser shifted by ``|q|^2 / (2 t^2)``, the same target log posteriors, and gradients
-    (pivots and log-normaliser included) that pass finite differences. The context holds an exact copy of one
-    pivot, the anchors do not fill the last block, and one anchor has weight zero."""
+def test_blockwise_kernels_values_and_gradients(x64):
+    """Both blockwise kernels against the posterior written out in NumPy: the pivot variant's mean relative to the
+    pivots, its log-normaliser (the absolute one plus ``|q|^2 / (2 t^2)``) and its target log posteriors; the
+    origin variant's mean, residual and target log posteriors at ``x = q + (1 - t) r``. Gradients (pivots and
+    every output included) pass finite differences. The context holds an exact copy of one pivot, the anchors do
+    not fill the last block, one anchor has weight zero, and one target is the row's pivot."""
     from lzn_jax.zoning import _blockwise
 
     rng = np.random.default_rng(7)
@@ -192,23 +193,33 @@ def test_blockwise_pivot_kernel_values_and_gradients(x64):
     time = jnp.asarray(0.3)
     scale = 0.5 / time**2
     targets = jnp.asarray([0, 5, 3, 6])
-
-    mean_offset, log_normaliser = _blockwise.blockwise_pivot_posterior(query, context, pivots, log_weights, time,
-                                                                       scale, 3)
     x = query + (1 - time) * pivots
-    mean, origin_log_normaliser = _blockwise.blockwise_posterior(x, context, log_weights, time, scale, 3)
-    np.testing.assert_allclose(mean_offset, mean - pivots, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(log_normaliser, origin_log_normaliser + scale * jnp.sum(query**2, axis=-1),
-                               rtol=1e-12)
-    np.testing.assert_allclose(
-        _blockwise.pivot_target_log_probs(query, pivots, context[targets], log_weights[targets], time, scale,
-                                          log_normaliser),
-        _blockwise.target_log_probs(x, context[targets], log_weights[targets], time, scale,
-                                    origin_log_normaliser), rtol=1e-12)
 
-    def kernel(query, context, pivots, log_weights):
-        return _blockwise.blockwise_pivot_posterior(query, context, pivots, log_weights, time, scale, 3)
+    logits = np.asarray(log_weights)[None, :] - float(scale) * np.sum(
+        (np.asarray(x)[:, None, :] - (1 - float(time)) * np.asarray(context)[None, :, :]) ** 2, axis=-1)
+    log_normaliser = np.log(np.sum(np.exp(logits), axis=-1))
+    probs = np.exp(logits - log_normaliser[:, None])
+    expected_mean = probs @ np.asarray(context)
+    expected_targets = logits[np.arange(4), np.asarray(targets)] - log_normaliser
+
+    mean_offset, pivot_log_normaliser, pivot_targets = _blockwise.blockwise_pivot_posterior(
+        query, context, pivots, log_weights, targets, time, scale, 3)
+    np.testing.assert_allclose(mean_offset, expected_mean - np.asarray(pivots), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(pivot_log_normaliser, log_normaliser + scale * jnp.sum(query**2, axis=-1),
+                               rtol=1e-12)
+    np.testing.assert_allclose(pivot_targets, expected_targets, rtol=1e-12)
+
+    mean, residual, origin_targets = _blockwise.blockwise_posterior(x, context, log_weights, targets, time, scale, 3)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(residual, np.asarray(x) - expected_mean, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(origin_targets, expected_targets, rtol=1e-12)
 
     finite = jnp.where(jnp.isfinite(log_weights), log_weights, 0.0)
-    check_grads(jax.jit(lambda q, c, p, w: kernel(q, c, p, jnp.where(jnp.isfinite(log_weights), w, -jnp.inf))),
+    weights = lambda w: jnp.where(jnp.isfinite(log_weights), w, -jnp.inf)  # noqa: E731
+    check_grads(jax.jit(lambda q, c, p, w: _blockwise.blockwise_pivot_posterior(q, c, p, weights(w), targets,
+                                                                                time, scale, 3)),
                 (query, context, pivots, finite), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
+    # The origin kernel's targets include each row's own pivot (its most probable anchor) for rows 0 and 1.
+    own = jnp.argmax(logits, axis=-1).at[2:].set(targets[2:])
+    check_grads(jax.jit(lambda x, c, w: _blockwise.blockwise_posterior(x, c, weights(w), own, time, scale, 3)),
+                (x, context, finite), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
