@@ -85,6 +85,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Compute dtype of convolutions and matmuls in the models ("float32" or "bfloat16"); params stay float32, the
     # solver and the losses float32 always.
     config.model.dtype = "float32"
+    # Rematerialise the image models' blocks (NCSN++ residual and attention blocks, ResNet bottlenecks): each block
+    # keeps only its input for the backward pass and recomputes the rest there, trading most of one more forward
+    # pass for activation memory (docs/scaling.md, "Global batch 65,536"). Same values and gradients, same dropout
+    # masks. Off in the paper's settings, as in the reference.
+    config.model.remat = False
 
     config.optim = ml_collections.ConfigDict()
     # Adam learning rate per module (0.0: the module does not exist in this setting).

@@ -51,8 +51,11 @@ class _NCSNppTrunk(nn.Module):
         )
 
     def _attn(self, name: str) -> layers.AttnBlock:
-        """An attention block with the trunk's settings."""
-        return layers.AttnBlock(init_scale=self.init_scale, skip_rescale=self.skip_rescale, dtype=self.dtype, name=name)
+        """An attention block with the trunk's settings, rematerialised when `remat` is set."""
+        # Its (B, HW, HW) logits and softmax stay float32 in any dtype: with only the residual blocks rematerialised,
+        # the attention blocks held a fifth of CIFAR10's remaining activations (docs/scaling.md, "Global batch 65,536").
+        cls = nn.remat(layers.AttnBlock) if self.remat else layers.AttnBlock
+        return cls(init_scale=self.init_scale, skip_rescale=self.skip_rescale, dtype=self.dtype, name=name)
 
     def _downsampling_path(self, x: jax.Array, temb: jax.Array | None, train: bool) -> list[jax.Array]:
         """Runs the input conv, the residual levels and the down blocks; returns every feature map in order.

@@ -61,17 +61,22 @@ class TrainState:
 
 
 def _model_config(config: ml_collections.ConfigDict, name: str) -> dict | None:
+    """Module ``name``'s block with the model-wide keys (``dtype``, ``remat``) filled in where it has none."""
     block = config.model[name]
     if block is None:
         return None
     block = dict(block.items())
+    # The label anchors are a table: no compute dtype, no blocks to rematerialise.
     if name != "label_anchors":
         block.setdefault("dtype", config.model.dtype)
+        # A run's config.json written before the key existed did not rematerialise.
+        block.setdefault("remat", bool(config.model.get("remat", False)))
     return block
 
 
 def build_modules(config: ml_collections.ConfigDict) -> Modules:
-    """The Flax modules named by ``config.model`` (compute dtype ``config.model.dtype``)."""
+    """The Flax modules named by ``config.model`` (compute dtype ``config.model.dtype``, blocks rematerialised when
+    ``config.model.remat``)."""
     built = {}
     for name in MODULES:
         block = _model_config(config, name)

@@ -179,6 +179,91 @@ def test_model_blocks_build(name, arg):
             assert isinstance(models.build(block), models.MODELS[block.name])
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_model_remat_key_reaches_every_image_model(name):
+    """``--config.model.remat=True`` sets ``remat`` on every image model the trainer builds (``state.build_modules``),
+    beside ``model.dtype``; the paper's settings leave it off; the label anchors (a table) have none."""
+    import jax.numpy as jnp
+
+    from lzn_jax.train import state
+
+    config = load(name).get_config()
+    assert config.model.remat is False
+    assert not any(getattr(module, "remat", False) for module in state.build_modules(config) if module is not None)
+    config.model.remat, config.model.dtype = True, "bfloat16"
+    modules = state.build_modules(config)
+    for module_name in modules.present():
+        module = getattr(modules, module_name)
+        if module_name == "label_anchors":
+            assert not hasattr(module, "remat")
+        else:
+            assert module.remat is True and module.dtype == jnp.bfloat16, module_name
+    # The config of a run written before the key existed (its config.json), read back frozen as api.load does.
+    old = config.to_dict()
+    del old["model"]["remat"]
+    modules = state.build_modules(ml_collections.FrozenConfigDict(old))
+    assert not any(getattr(module, "remat", False) for module in modules if module is not None)
+
+
+def _rematerialised_calls(module, inputs) -> int:
+    """How many rematerialised calls (JAX's remat primitive) the training-mode forward pass of ``module`` traces."""
+    import jax
+
+    remat_primitive = jax.make_jaxpr(jax.checkpoint(lambda x: x))(1.0).eqns[0].primitive
+    variables = jax.eval_shape(module.init, jax.random.key(0), *inputs)
+    forward = lambda v: module.apply(v, *inputs, train=True, rngs={"dropout": jax.random.key(0)})
+    return sum(eqn.primitive is remat_primitive for eqn in jax.make_jaxpr(forward)(variables).eqns)
+
+
+@pytest.mark.slow
+def test_model_remat_key_keeps_values_and_gradients():
+    """Built from a config with ``model.remat=True``, the NCSN++ models rematerialise each residual and attention
+    block (the ResNet each bottleneck), and the decoder gives the same velocity and parameter gradients as without,
+    with the same dropout masks. The encoder's and the ResNet's values under remat: tests/models (test_ncsnpp,
+    test_resnet); the decoder's blocks take the time embedding too, which the encoder's do not."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from lzn_jax.train import state
+    from tests.models import numpy_reference as ref
+
+    # Smaller than :smoke, through the config, so that the two compiles stay small. One level with no residual
+    # blocks still has the middle (ResBlock, attention, ResBlock) and, in the decoder, an upsampling-path ResBlock;
+    # the ResNet keeps one stage.
+    config = load("cifar10_gen").get_config("smoke")
+    config.data.image_size = 8
+    for block in (config.model.encoder, config.model.decoder):
+        block.update(ch_mult=(1,), num_res_blocks=0, nf=8)
+    resnet_config = load("imagenet_repr").get_config("smoke")
+    resnet_config.model.encoder.stage_sizes = (1,)
+    plain = state.build_modules(config)
+    config.model.remat = resnet_config.model.remat = True
+    remat, resnet = state.build_modules(config), state.build_modules(resnet_config).encoder
+
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    latent = np.random.default_rng(1).standard_normal((2, config.latent_dim)).astype(np.float32)
+    inputs = (x, np.array([0.3, 0.8], np.float32), latent)
+    # Encoder: the middle (ResBlock, attention, ResBlock); decoder: the middle, then one upsampling-path ResBlock
+    # and its attention (:smoke attends at image_size / 2, here 8); ResNet: its one bottleneck.
+    assert _rematerialised_calls(plain.decoder, inputs) == 0
+    assert _rematerialised_calls(remat.encoder, (x,)) == 3 and _rematerialised_calls(remat.decoder, inputs) == 5
+    assert _rematerialised_calls(resnet, (jnp.zeros((1, 32, 32, 3)),)) == 1
+
+    def loss(module, params):
+        velocity = module.apply(params, *inputs, train=True, rngs={"dropout": jax.random.key(3)})
+        return jnp.sum(velocity**2), velocity
+
+    params = ref.random_params(plain.decoder, *inputs)
+    assert config.model.decoder.dropout > 0, "dropout on: remat must replay the same masks in the backward pass"
+    # Jitted: two small compiles cost less CPU time here than the eager pass's hundreds of one-op kernels.
+    (_, out_plain), grads_plain = jax.jit(jax.value_and_grad(lambda p: loss(plain.decoder, p), has_aux=True))(params)
+    (_, out_remat), grads_remat = jax.jit(jax.value_and_grad(lambda p: loss(remat.decoder, p), has_aux=True))(params)
+    np.testing.assert_allclose(out_remat, out_plain, rtol=1e-6, atol=1e-6)
+    ref.assert_trees_equal_up_to_float32_rounding(grads_remat, grads_plain)
+    assert np.abs(np.asarray(grads_plain["params"]["conv_in"]["kernel"])).max() > 0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_smoke_models_trace(name):
