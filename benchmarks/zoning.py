@@ -14,6 +14,8 @@ measurement whose first run exceeds 20 s counts that run as its first timed one.
      lean       the matmul form in PyTorch (benchmarks/zoning_torch_reference.py, run by --torch-python): logits
                 ((1-t) x A^T - (1-t)^2 |a|^2 / 2) / t^2, softmax, mean = p A, v = (x - mean) / t, the same
                 flows and time grids, plain autograd, nothing checkpointed. "x lean" = lean time / ours.
+     lean-jax   the same matmul form written plainly in JAX (plain jax.grad), compiled by the same XLA as ours:
+                it tells our formulation's cost from the runtime's. "x l-jax" = lean-jax time / ours.
      jax-bcast  the reference's (B, N, D) broadcast formulation written plainly in JAX, checkpointed per step
      torch      the same broadcast formulation in PyTorch, checkpointed per step; "x torch" / "x jax-b" =
                 its time / ours. Both broadcast baselines run only up to --max-broadcast-size (default 1024:
@@ -26,6 +28,7 @@ measurement whose first run exceeds 20 s counts that run as its first timed one.
      targets    zoning.assign_targets (records (S, B)) + zoning.target_alignment_loss
      lean       the matmul-form reverse flow in PyTorch: log-softmax per step, the target column, max over
                 the steps after the cut-off. "x lean" = lean time / assign, and lean time / targets.
+     block...   zoning.assign_targets with the blockwise kernel (--block-size); "x targets" = its time / targets.
 3. Blockwise kernel (--blockwise-sizes, default --sizes; both solvers): compute_latents with
    SolverOptions(block_size=--block-size, 256) against the dense kernel (the "ours" measurement of block 1),
    same loss; "time x" / "mem x" = blockwise / dense.
@@ -58,11 +61,10 @@ LONG_RUN_SECONDS = 20.0
 # ----------------------------------------------------------------------------------------- measurements (child)
 
 
-def broadcast_forward_jax(anchors, prior, solver, steps):
+def broadcast_data_prediction(anchors):
     """The reference's broadcast formulation in JAX (docs/method.md), checkpointed per velocity evaluation."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     @jax.checkpoint
     def data_prediction(x, t):
@@ -72,6 +74,34 @@ def broadcast_forward_jax(anchors, prior, solver, steps):
         pdf = jnp.exp(log_pdf - jnp.max(log_pdf, axis=1, keepdims=True))
         v = jnp.sum(pdf[:, :, None] * (noise - anchors[None]), 1) / jnp.sum(pdf, 1)[:, None]
         return x - t * v
+
+    return data_prediction
+
+
+def lean_data_prediction(anchors):
+    """The lean rewrite's matmul form in JAX, as zoning_torch_reference.py writes it in PyTorch: logits
+    [(1 - t) <x, a> - (1 - t)^2 |a|^2 / 2] / t^2 as one product, a softmax, the mean as a second product; plain
+    automatic differentiation, nothing checkpointed."""
+    import jax
+    import jax.numpy as jnp
+
+    half_squared_norms = 0.5 * jnp.sum(anchors * anchors, axis=1)
+
+    def data_prediction(x, t):
+        t = jnp.asarray(t, x.dtype)
+        inner = jnp.matmul(x, anchors.T, precision="highest")
+        logits = ((1 - t) * inner - (1 - t) ** 2 * half_squared_norms) / t**2
+        return jnp.matmul(jax.nn.softmax(logits, axis=1), anchors, precision="highest")
+
+    return data_prediction
+
+
+def forward_flow_jax(data_prediction, anchors, prior, solver, steps):
+    """The forward flow from ``eps * prior + (1 - eps) * anchors`` with a given data prediction, on the same time
+    grids as our solver and the PyTorch baselines (Euler: t from 1e-4; DPM-Solver++ order 3: t from 1e-3)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
 
     if solver == "euler":
         eps = 1e-4
@@ -84,7 +114,7 @@ def broadcast_forward_jax(anchors, prior, solver, steps):
         x, _ = jax.lax.scan(step, eps * prior + (1 - eps) * anchors, times)
         return x
     # The host-side time grid and update coefficients come from lzn_jax (plain float64 numbers); what is
-    # measured is the broadcast velocity, evaluated as often as in our solver.
+    # measured is the data prediction, evaluated as often as in our solver.
     from lzn_jax.zoning import dpm_solver
 
     eps = 1e-3
@@ -139,23 +169,25 @@ def measure_jax(kind: str, solver: str, size: int, args) -> dict:
 
     if kind == "matmuls":
         fn, fn_args = jax.jit(matmul_floor(args.steps)), (first, second)
-    elif kind in ("ours", "broadcast", "blockwise"):
+    elif kind in ("ours", "broadcast", "lean-jax", "blockwise"):
         anchors, prior = first, second
         options = zoning.SolverOptions(solver=solver, num_steps=args.steps,
                                        block_size=args.block_size if kind == "blockwise" else None)
+        formulation = {"broadcast": broadcast_data_prediction, "lean-jax": lean_data_prediction}.get(kind)
 
         def loss(anchors):
-            if kind == "broadcast":
-                latents = broadcast_forward_jax(anchors, prior, solver, args.steps)
+            if formulation is not None:
+                latents = forward_flow_jax(formulation(anchors), anchors, prior, solver, args.steps)
             else:
                 latents = zoning.compute_latents(anchors, prior, options=options)
             return jnp.sum(latents * projection)
 
         fn, fn_args = jax.jit(jax.grad(loss)), (anchors,)
-    elif kind in ("assign", "targets"):
+    elif kind in ("assign", "targets", "targets-blockwise"):
         latents, context = first, second
         targets = jnp.arange(size) % size
-        options = zoning.SolverOptions(solver="euler", num_steps=args.assign_steps)
+        options = zoning.SolverOptions(solver="euler", num_steps=args.assign_steps,
+                                       block_size=args.block_size if kind == "targets-blockwise" else None)
 
         def loss(latents, context):
             if kind == "assign":
@@ -293,14 +325,15 @@ def main() -> None:
     dense = {}
     if "forward" in blocks:
         columns = [("solver", 12), ("B=N", 5), ("remat", 5), ("ours", 8), ("mem", 6), ("lean", 8), ("mem", 6),
-                   ("x lean", 7), ("jax-bcast", 9), ("mem", 6), ("torch", 9), ("mem", 6), ("x torch", 7),
-                   ("x jax-b", 7), ("matmuls", 8), ("frac", 5)]
+                   ("x lean", 7), ("lean-jax", 8), ("mem", 6), ("x l-jax", 7), ("jax-bcast", 9), ("mem", 6),
+                   ("torch", 9), ("mem", 6), ("x torch", 7), ("x jax-b", 7), ("matmuls", 8), ("frac", 5)]
         print_header(f"forward flow (compute_latents), {args.steps} steps, grad of sum(latents * W) w.r.t. "
                      "anchors", columns)
         for solver in solvers:
             for size in sizes:
                 ours = dense[solver, size] = jax_child("ours", solver, size)
                 lean = torch_child("forward", "lean", solver, size, args.steps, warmup=1)
+                lean_jax = jax_child("lean-jax", solver, size)
                 matmuls = jax_child("matmuls", solver, size)
                 jax_bcast = torch_bcast = None
                 if not args.skip_broadcast and size <= args.max_broadcast_size:
@@ -308,25 +341,29 @@ def main() -> None:
                     torch_bcast = torch_child("forward", "broadcast", solver, size, args.steps, warmup=0)
                 print_row(columns, [solver, str(size), plan(solver, args.steps, size), fmt_seconds(ours),
                                     fmt_bytes(ours), fmt_seconds(lean), fmt_bytes(lean), ratio(lean, ours),
+                                    fmt_seconds(lean_jax), fmt_bytes(lean_jax), ratio(lean_jax, ours),
                                     fmt_seconds(jax_bcast), fmt_bytes(jax_bcast), fmt_seconds(torch_bcast),
                                     fmt_bytes(torch_bcast), ratio(torch_bcast, ours), ratio(jax_bcast, ours),
                                     fmt_seconds(matmuls), fraction(matmuls, ours)])
-                report_errors({"ours": ours, "lean": lean, "matmuls": matmuls, "jax-bcast": jax_bcast,
-                               "torch": torch_bcast})
+                report_errors({"ours": ours, "lean": lean, "lean-jax": lean_jax, "matmuls": matmuls,
+                               "jax-bcast": jax_bcast, "torch": torch_bcast})
 
     if "assign" in blocks:
         columns = [("B=N", 5), ("remat", 5), ("assign", 8), ("mem", 6), ("targets", 8), ("mem", 6), ("lean", 8),
-                   ("mem", 6), ("x lean/a", 8), ("x lean/t", 8)]
+                   ("mem", 6), ("x lean/a", 8), ("x lean/t", 8), (f"block{args.block_size}", 9), ("mem", 6),
+                   ("x targets", 9)]
         print_header(f"reverse flow (assign, Euler {args.assign_steps} steps), grad of the alignment loss w.r.t. "
                     "latents and context", columns)
         for size in (int(s) for s in args.assign_sizes.split(",")):
             full = jax_child("assign", "euler", size)
             targets = jax_child("targets", "euler", size)
             lean = torch_child("assign", "lean", "euler", size, args.assign_steps, warmup=1)
+            blockwise = jax_child("targets-blockwise", "euler", size)
             print_row(columns, [str(size), plan("euler", args.assign_steps, size), fmt_seconds(full),
                                 fmt_bytes(full), fmt_seconds(targets), fmt_bytes(targets), fmt_seconds(lean),
-                                fmt_bytes(lean), ratio(lean, full), ratio(lean, targets)])
-            report_errors({"assign": full, "targets": targets, "lean": lean})
+                                fmt_bytes(lean), ratio(lean, full), ratio(lean, targets), fmt_seconds(blockwise),
+                                fmt_bytes(blockwise), ratio(blockwise, targets)])
+            report_errors({"assign": full, "targets": targets, "lean": lean, "blockwise": blockwise})
 
     if "blockwise" in blocks:
         columns = [("solver", 12), ("B=N", 5), ("dense", 8), ("mem", 6), (f"block{args.block_size}", 9),
