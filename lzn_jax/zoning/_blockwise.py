@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lzn_jax.zoning._dense import HIGHEST, offset_from, split_blocks
+from lzn_jax.zoning._dense import HIGHEST, _logits, offset_from, split_blocks, squared_norms
 
 
 def _finite_or_zero(value):
@@ -107,8 +107,7 @@ def _expansion_argmax(x, context, log_weights, time, distance_scale, block_size)
     def best_so_far(carry, block):
         best, best_index = carry
         anchors, block_log_weights, start = block
-        logits = (block_log_weights + inner_scale * jnp.matmul(x, anchors.T, precision=HIGHEST)
-                  - norm_scale * jnp.sum(anchors * anchors, axis=-1))
+        logits = _logits(x, anchors, squared_norms(anchors), block_log_weights, inner_scale, norm_scale)
         block_best = jnp.max(logits, axis=-1)
         better = block_best > best
         index = jnp.where(better, start + jnp.argmax(logits, axis=-1).astype(jnp.int32), best_index)
