@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lzn_jax.zoning._dense import HIGHEST, _logits, offset_from, split_blocks, squared_norms
+from lzn_jax.zoning._dense import HIGHEST, _logits, offset_from, split_blocks, squared_norms, transposed_product
 
 
 def _finite_or_zero(value):
@@ -250,10 +250,10 @@ def _blockwise_pivot_posterior_bwd(block_size, residuals, cotangents):
         g_query = g_query + (jnp.matmul(others, anchors, precision=HIGHEST)
                              - jnp.sum(others, axis=-1, keepdims=True) * pivots)
         # sum_b G_bj (x_b - (1 - t) a_j), the logits' share of the anchors' cotangent (up to its scale).
-        logit_share = (jnp.matmul(g_logits.T, query, precision=HIGHEST)
-                       + (1.0 - time) * (jnp.matmul(others.T, pivots, precision=HIGHEST)
+        logit_share = (transposed_product(g_logits, query)
+                       + (1.0 - time) * (transposed_product(others, pivots)
                                          - jnp.sum(others, axis=0)[:, None] * anchors))
-        g_anchors = (jnp.matmul(probs.T, g_mean, precision=HIGHEST)
+        g_anchors = (transposed_product(probs, g_mean)
                      + (2.0 * distance_scale * (1.0 - time)) * logit_share)
         return g_query, (g_anchors, jnp.sum(g_logits, axis=0))
 

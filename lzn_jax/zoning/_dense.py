@@ -24,6 +24,18 @@ from jax.custom_derivatives import SymbolicZero
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def transposed_product(rows: jax.Array, values: jax.Array) -> jax.Array:
+    """``rows.T @ values`` (N, D) for rows (B, N) and values (B, D): a sum over the batch rows.
+
+    Formed as the transpose of ``values.T @ rows`` (D, N). XLA:CPU runs a product whose large operand is
+    contracted over its leading axis about 1.75x slower than this form (the difference is about what a copy of
+    that (B, N) operand costs); the barrier keeps the compiler from folding the small (D, N) transpose back into
+    the product. On GPU and TPU the only cost is that (D, N) transpose. docs/numerics.md, "Speed: the two sums
+    over the batch rows"; ``benchmarks/matmul_forms.py`` measures it.
+    """
+    return jax.lax.optimization_barrier(jnp.matmul(values.T, rows, precision=HIGHEST)).T
+
+
 def squared_norms(context: jax.Array) -> jax.Array:
     """(N,) squared norms of the rows of ``context`` (N, D)."""
     return jnp.sum(context * context, axis=-1)
@@ -61,14 +73,14 @@ def _logit_cotangents(context, probs, g_mean, g_log_probs):
     g_logits = probs * (g_probs - jnp.sum(probs * g_probs, axis=-1, keepdims=True))
     if type(g_log_probs) is not SymbolicZero:  # a flow that records the posterior (the forward flows do not)
         g_logits = g_logits + g_log_probs - probs * jnp.sum(g_log_probs, axis=-1, keepdims=True)
-    return g_logits, jnp.matmul(probs.T, g_mean, precision=HIGHEST)
+    return g_logits, transposed_product(probs, g_mean)
 
 
 def _input_cotangents(query, context, offsets, probs, inner_scale, norm_scale, g_mean, g_log_probs):
     """Cotangents of (query, context, offsets, log_weights) shared by both kernels."""
     g_logits, g_context = _logit_cotangents(context, probs, g_mean, g_log_probs)
     g_query = inner_scale * jnp.matmul(g_logits, context, precision=HIGHEST)
-    g_context = g_context + inner_scale * jnp.matmul(g_logits.T, query, precision=HIGHEST)
+    g_context = g_context + inner_scale * transposed_product(g_logits, query)
     g_log_weights = jnp.sum(g_logits, axis=0)
     g_offsets = -norm_scale * (g_log_weights if offsets.ndim == 1 else g_logits)
     return g_query, g_context, g_offsets, g_log_weights
@@ -98,7 +110,10 @@ def _refine_leading_logits(logits, context, log_weights, inner_scale, time, best
       logits: (B, N) expansion logits; best_offset: ``best anchors (B, D) -> o_b (B, D)``.
     """
     candidates = min(candidates, logits.shape[1])
-    _, index = jax.lax.top_k(jax.lax.stop_gradient(logits), candidates)  # (B, k), best first
+    # The barrier keeps XLA's top-k as a partial selection (a TopK custom call): once its result's slice is fused
+    # into the consumers below, XLA:CPU falls back to a full stable sort of every (B, N) row, which made the
+    # reverse flow 2.8x slower (docs/numerics.md, "Speed: the reverse flow's top-k").
+    _, index = jax.lax.optimization_barrier(jax.lax.top_k(jax.lax.stop_gradient(logits), candidates))  # (B, k)
     best = context[index[:, 0]]
     gaps = best[:, None, :] - context[index]  # (B, k, D) a_b - a_j
     middle = best_offset(best)[:, None, :] + (0.5 * (1.0 - time)) * gaps
@@ -233,7 +248,7 @@ def _dense_pivot_posterior_bwd(refine, residuals, cotangents):
     others = jnp.where(pivot_distances == 0, 0.0, g_logits)
     g_query = inner_scale * (jnp.matmul(others, context, precision=HIGHEST)
                              - jnp.sum(others, axis=-1, keepdims=True) * pivots)
-    g_context = g_context + inner_scale * jnp.matmul(g_logits.T, query, precision=HIGHEST)
+    g_context = g_context + inner_scale * transposed_product(g_logits, query)
     g_log_weights = jnp.sum(g_logits, axis=0)
     zero = jnp.zeros_like(inner_scale)
     return (g_query, g_context, -g_mean, -norm_scale * g_logits, g_log_weights, zero, zero, zero, zero)
@@ -328,7 +343,7 @@ def _pivot_squared_distances_bwd(symmetric, residuals, g_distances):
     # relative to the cotangents, which the 1/t^2 scale does not reach (the forward flow's pivots are constants,
     # so only the context's share is used there).
     g_context = 2.0 * (jnp.sum(g_distances, axis=0)[:, None] * context
-                       - jnp.matmul(g_distances.T, pivots, precision=HIGHEST))
+                       - transposed_product(g_distances, pivots))
     g_pivots = 2.0 * (jnp.sum(g_distances, axis=1)[:, None] * pivots
                       - jnp.matmul(g_distances, context, precision=HIGHEST))
     return g_pivots, g_context
