@@ -137,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Weights of -mean max p and of -mean log max p (the reference uses only the log form).
     config.contrastive.prob_loss_weight = 0.0
     config.contrastive.log_loss_weight = 1.0
+    # Encode each device's 2 x B_device view rows in this many sequential chunks, twice (gradient caching,
+    # objectives/contrastive.py, encoded_in_chunks): the encoder's activation memory falls by this factor for one
+    # extra forward pass, and the gradient stays the one-pass gradient. 1: one pass (the reference's way).
+    config.contrastive.encoder_chunks = 1
 
     # --mode=eval (lzn_jax/train/evaluate.py): what the evaluation of the latest checkpoint computes. Sizes of 0
     # switch a metric off; the setting files turn on the paper's (docs/evaluation.md).

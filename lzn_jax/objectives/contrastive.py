@@ -5,6 +5,7 @@ reverse flow over view 1's anchors, to the anchor of the same image. No negative
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +27,12 @@ class ContrastiveSettings:
     cut_off: float = 0.2
     prob_loss_weight: float = 0.0
     log_loss_weight: float = 1.0
+    # Encode the views in this many sequential chunks, twice (encoded_in_chunks): activation memory / chunks.
+    encoder_chunks: int = 1
+
+    def __post_init__(self):
+        if int(self.encoder_chunks) < 1:
+            raise ValueError(f"contrastive.encoder_chunks must be a positive int, got {self.encoder_chunks!r}")
 
     @classmethod
     def from_config(cls, block: ml_collections.ConfigDict) -> "ContrastiveSettings":
@@ -36,6 +43,7 @@ class ContrastiveSettings:
             cut_off=float(block.cut_off),
             prob_loss_weight=float(block.prob_loss_weight),
             log_loss_weight=float(block.log_loss_weight),
+            encoder_chunks=int(block.get("encoder_chunks", 1)),
         )
 
 
@@ -56,7 +64,59 @@ def encoder_anchors(encoder, params, images: jax.Array, key: jax.Array) -> jax.A
     return anchors.astype(jnp.float32)
 
 
-def two_view_anchors(encoder, params, views: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _split_rows(rows: jax.Array, chunks: int) -> jax.Array:
+    """(R, ...) -> (R / chunks, chunks, ...): chunk c holds rows c, c + chunks, ...; a free reshape that keeps a
+    row-sharded array sharded, so each device's chunk is a slice of its own rows."""
+    return rows.reshape(rows.shape[0] // chunks, chunks, *rows.shape[1:])
+
+
+def _chunk(split: jax.Array, index) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(split, index, axis=1, keepdims=False)
+
+
+def _chunk_anchors(encoder, params, split: jax.Array, key: jax.Array, index) -> jax.Array:
+    """Anchors (R / chunks, D) of chunk ``index``, with the chunk's own dropout key ``fold_in(key, index)``."""
+    return encoder_anchors(encoder, params, _chunk(split, index), jax.random.fold_in(key, index))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def encoded_in_chunks(encoder, params, rows: jax.Array, key: jax.Array, chunks: int) -> jax.Array:
+    """Anchors (R, D) float32 of ``rows`` (R, ...), encoded in ``chunks`` sequential chunks, keeping only one
+    chunk's activations alive, in the forward and in the backward pass.
+
+    Gradient caching: the forward pass encodes every chunk without keeping activations. The backward pass
+    encodes each chunk again and pulls its slice of the anchors' cotangent (which the zoning solver computed
+    over the whole batch) back into the parameters, summing over chunks. The gradient is the one-pass gradient,
+    up to float32 summation order, for one extra forward pass of the encoder. Chunk ``c`` holds rows ``c,
+    c + chunks, ...`` and draws its dropout masks from ``fold_in(key, c)``, in both passes. The rows need no
+    cotangent (they are data), so the images' gradient is reported as zero.
+    """
+    split = _split_rows(rows, chunks)
+    per_chunk = jax.lax.map(lambda index: _chunk_anchors(encoder, params, split, key, index), jnp.arange(chunks))
+    return jnp.swapaxes(per_chunk, 0, 1).reshape(rows.shape[0], per_chunk.shape[-1])
+
+
+def _encoded_in_chunks_fwd(encoder, params, rows, key, chunks):
+    return encoded_in_chunks(encoder, params, rows, key, chunks), (params, rows, key)
+
+
+def _encoded_in_chunks_bwd(encoder, chunks, residuals, g_anchors):
+    params, rows, key = residuals
+    split, g_split = _split_rows(rows, chunks), _split_rows(g_anchors, chunks)
+
+    def accumulate(g_params, index):
+        _, pull_back = jax.vjp(lambda p: _chunk_anchors(encoder, p, split, key, index), params)
+        return jax.tree.map(jnp.add, g_params, pull_back(_chunk(g_split, index))[0]), None
+
+    g_params, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), jnp.arange(chunks))
+    return g_params, None, None
+
+
+encoded_in_chunks.defvjp(_encoded_in_chunks_fwd, _encoded_in_chunks_bwd)
+
+
+def two_view_anchors(encoder, params, views: jax.Array, key: jax.Array, chunks: int = 1
+                     ) -> tuple[jax.Array, jax.Array]:
     """Anchors (B, D) float32 of view 0 and of view 1 of ``views`` (B, 2, S, S, 3), from one encoder pass.
 
     The (B, 2) leading axes are merged in place into 2B rows (image b's views are rows 2b and 2b + 1), so a batch
@@ -64,9 +124,17 @@ def two_view_anchors(encoder, params, views: jax.Array, key: jax.Array) -> tuple
     the front, or vmapping over it, interleaves it with the sharded batch axis, and XLA then gathers the whole
     global batch onto every device.) One pass with one dropout key draws every row's dropout mask independently,
     as the reference's two passes with two draws do; the encoders normalise per image, so no view sees another.
+    With ``chunks > 1`` the rows go through :func:`encoded_in_chunks` (each chunk its own dropout key).
     """
     batch = views.shape[0]
-    anchors = encoder_anchors(encoder, params, views.reshape(batch * 2, *views.shape[2:]), key)
+    rows = views.reshape(batch * 2, *views.shape[2:])
+    if chunks == 1:
+        anchors = encoder_anchors(encoder, params, rows, key)
+    else:
+        if rows.shape[0] % chunks:
+            raise ValueError(f"contrastive.encoder_chunks={chunks} does not divide the {rows.shape[0]} encoder rows "
+                             f"(2 views x {batch} images) of this batch")
+        anchors = encoded_in_chunks(encoder, params, rows, key, chunks)
     anchors = anchors.reshape(batch, 2, anchors.shape[-1])
     return anchors[:, 0], anchors[:, 1]
 
@@ -101,7 +169,8 @@ def contrastive_loss(
       ContrastiveOutputs; ``loss = prob_loss_weight * prob_loss + log_loss_weight * log_loss``.
     """
     prior_key, dropout_key = jax.random.split(key)
-    anchors_0, anchors_1 = two_view_anchors(modules.encoder, params["encoder"], views, dropout_key)
+    anchors_0, anchors_1 = two_view_anchors(modules.encoder, params["encoder"], views, dropout_key,
+                                            settings.encoder_chunks)
     noise = settings.prior_scale * jax.random.normal(prior_key, anchors_0.shape, jnp.float32)
     latents = latents_of(anchors_0, noise, settings.latent_options)
     targets = jnp.arange(anchors_1.shape[0], dtype=jnp.int32)

@@ -205,6 +205,7 @@ def _data_mesh_over(devices) -> jax.sharding.Mesh:
 def per_device_batch(config: ml_collections.ConfigDict, num_devices: int) -> int:
     """Rows each device holds; refuses a global batch that does not divide (the trainer's own check)."""
     loop.check_batch_divisible(int(config.data.batch_size), num_devices)
+    loop.check_encoder_chunks(config, num_devices)
     return int(config.data.batch_size) // num_devices
 
 

@@ -47,6 +47,19 @@ def check_batch_divisible(global_batch_size: int, num_devices: int) -> None:
         )
 
 
+def check_encoder_chunks(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Each device encodes its 2 x B_device view rows in ``contrastive.encoder_chunks`` equal chunks."""
+    if config.objective != "contrastive":
+        return
+    chunks = int(config.contrastive.get("encoder_chunks", 1))
+    rows = 2 * (int(config.data.batch_size) // num_devices)
+    if chunks < 1 or rows % chunks:
+        raise ValueError(
+            f"contrastive.encoder_chunks={chunks} does not divide the {rows} encoder rows each of the {num_devices} "
+            f"devices holds (2 views x {rows // 2} images); use a divisor of {rows}"
+        )
+
+
 def abstract_train_state(config: ml_collections.ConfigDict, modules: Modules, optimizer, sharding) -> TrainState:
     """The state's shapes and dtypes with ``sharding`` on every leaf: what init, restore and fit checks start from."""
     shapes = jax.eval_shape(lambda key: init_state(config, modules, optimizer, key), jax.random.key(0))
@@ -141,6 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, sou
     mesh = parallel.data_mesh(config.num_devices)
     num_devices = mesh.devices.size
     check_batch_divisible(config.data.batch_size, num_devices)
+    check_encoder_chunks(config, num_devices)
     replicated = jax.NamedSharding(mesh, jax.P())
     batch_sharding = parallel.batch_sharding(mesh)
 

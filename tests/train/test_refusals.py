@@ -52,3 +52,13 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_refused(tmp_path):
         loop.train(config, tmp_path / "workdir")
     assert "multiple of 8" in str(error.value)
     assert not (tmp_path / "workdir").exists()
+
+
+def test_encoder_chunks_that_do_not_divide_a_devices_rows_are_refused(tmp_path):
+    config = tiny.contrastive()
+    config.data.batch_size = 16  # 2 images, 4 view rows, per device
+    config.num_devices = 8
+    config.contrastive.encoder_chunks = 3
+    with pytest.raises(ValueError, match=r"encoder_chunks=3 does not divide the 4 encoder rows each of the 8 "):
+        loop.train(config, tmp_path / "workdir")
+    assert not (tmp_path / "workdir").exists()
