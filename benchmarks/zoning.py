@@ -142,7 +142,7 @@ def matmul_floor(steps):
     """Six products per step at the solver's shapes; distinct operands per step so none is hoisted.
 
     Each product in the fastest form XLA:CPU offers: the two sums over the batch rows, ``(B, N)^T (B, D)``, as
-    transposes of ``(D, B) (B, N)`` products behind an optimisation barrier (1.75x faster on the CPU than the
+    transposes of ``(D, B) (B, N)`` products behind an optimisation barrier (1.5-1.7x faster on the CPU than the
     plain form, which copies the (B, N) operand first), as the solver itself forms them.
     """
     import jax

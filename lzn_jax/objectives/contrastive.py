@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.custom_derivatives import SymbolicZero
 
 from lzn_jax import zoning
 from lzn_jax.objectives.generation import solver_options
@@ -88,8 +89,9 @@ def encoded_in_chunks(encoder, params, rows: jax.Array, key: jax.Array, chunks: 
     encodes each chunk again and pulls its slice of the anchors' cotangent (which the zoning solver computed
     over the whole batch) back into the parameters, summing over chunks. The gradient is the one-pass gradient,
     up to float32 summation order, for one extra forward pass of the encoder. Chunk ``c`` holds rows ``c,
-    c + chunks, ...`` and draws its dropout masks from ``fold_in(key, c)``, in both passes. The rows need no
-    cotangent (they are data), so the images' gradient is reported as zero.
+    c + chunks, ...`` and draws its dropout masks from ``fold_in(key, c)``, in both passes. The rows are data:
+    differentiating with respect to them is refused, and so is forward-mode differentiation (``jax.jvp``), which
+    a custom VJP does not support.
     """
     split = _split_rows(rows, chunks)
     per_chunk = jax.lax.map(lambda index: _chunk_anchors(encoder, params, split, key, index), jnp.arange(chunks))
@@ -97,22 +99,34 @@ def encoded_in_chunks(encoder, params, rows: jax.Array, key: jax.Array, chunks: 
 
 
 def _encoded_in_chunks_fwd(encoder, params, rows, key, chunks):
+    # With symbolic zeros, each array arrives wrapped, with whether it is differentiated.
+    if getattr(rows, "perturbed", False):
+        raise NotImplementedError("encoded_in_chunks differentiates the anchors with respect to the encoder's "
+                                  "parameters only, not the images; use contrastive.encoder_chunks=1 for input "
+                                  "gradients")
+    params, rows, key = jax.tree.map(lambda leaf: getattr(leaf, "value", leaf), (params, rows, key),
+                                     is_leaf=lambda leaf: hasattr(leaf, "perturbed"))
     return encoded_in_chunks(encoder, params, rows, key, chunks), (params, rows, key)
 
 
 def _encoded_in_chunks_bwd(encoder, chunks, residuals, g_anchors):
     params, rows, key = residuals
+    if type(g_anchors) is SymbolicZero:
+        g_anchors = jnp.zeros(g_anchors.shape, g_anchors.dtype)
     split, g_split = _split_rows(rows, chunks), _split_rows(g_anchors, chunks)
 
     def accumulate(g_params, index):
         _, pull_back = jax.vjp(lambda p: _chunk_anchors(encoder, p, split, key, index), params)
-        return jax.tree.map(jnp.add, g_params, pull_back(_chunk(g_split, index))[0]), None
+        return jax.tree.map(lambda total, g: total + g.astype(total.dtype), g_params,
+                            pull_back(_chunk(g_split, index))[0]), None
 
-    g_params, _ = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), jnp.arange(chunks))
-    return g_params, None, None
+    # Summed in at least float32 whatever the parameters' dtype, then cast back.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
+    g_params, _ = jax.lax.scan(accumulate, zeros, jnp.arange(chunks))
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), g_params, params), None, None
 
 
-encoded_in_chunks.defvjp(_encoded_in_chunks_fwd, _encoded_in_chunks_bwd)
+encoded_in_chunks.defvjp(_encoded_in_chunks_fwd, _encoded_in_chunks_bwd, symbolic_zeros=True)
 
 
 def two_view_anchors(encoder, params, views: jax.Array, key: jax.Array, chunks: int = 1

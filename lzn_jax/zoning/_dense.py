@@ -28,7 +28,7 @@ def transposed_product(rows: jax.Array, values: jax.Array) -> jax.Array:
     """``rows.T @ values`` (N, D) for rows (B, N) and values (B, D): a sum over the batch rows.
 
     Formed as the transpose of ``values.T @ rows`` (D, N). XLA:CPU runs a product whose large operand is
-    contracted over its leading axis about 1.75x slower than this form (the difference is about what a copy of
+    contracted over its leading axis 1.5-1.7x slower than this form (the difference is about what a copy of
     that (B, N) operand costs); the barrier keeps the compiler from folding the small (D, N) transpose back into
     the product. On GPU and TPU the only cost is that (D, N) transpose. docs/numerics.md, "Speed: the two sums
     over the batch rows"; ``benchmarks/matmul_forms.py`` measures it.
@@ -112,7 +112,7 @@ def _refine_leading_logits(logits, context, log_weights, inner_scale, time, best
     candidates = min(candidates, logits.shape[1])
     # The barrier keeps XLA's top-k as a partial selection (a TopK custom call): once its result's slice is fused
     # into the consumers below, XLA:CPU falls back to a full stable sort of every (B, N) row, which made the
-    # reverse flow 2.8x slower (docs/numerics.md, "Speed: the reverse flow's top-k").
+    # reverse flow about 3x slower (docs/numerics.md, "Speed: the reverse flow's top-k").
     _, index = jax.lax.optimization_barrier(jax.lax.top_k(jax.lax.stop_gradient(logits), candidates))  # (B, k)
     best = context[index[:, 0]]
     gaps = best[:, None, :] - context[index]  # (B, k, D) a_b - a_j
