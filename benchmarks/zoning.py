@@ -148,8 +148,7 @@ def matmul_floor(steps):
     import jax
     import jax.numpy as jnp
 
-    def transposed_product(rows, values):
-        return jax.lax.optimization_barrier(jnp.matmul(values.T, rows, precision="highest")).T
+    from lzn_jax.zoning._dense import transposed_product
 
     def products(x, a):
         def step(carry, scale):

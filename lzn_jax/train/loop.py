@@ -20,6 +20,7 @@ from clu import periodic_actions
 
 from lzn_jax import checkpoint, data, parallel, sampling
 from lzn_jax.evaluation import end_of_training
+from lzn_jax.objectives.contrastive import ContrastiveSettings
 from lzn_jax.train import optim, report
 from lzn_jax.train.state import (
     Modules,
@@ -51,9 +52,10 @@ def check_encoder_chunks(config: ml_collections.ConfigDict, num_devices: int) ->
     """Each device encodes its 2 x B_device view rows in ``contrastive.encoder_chunks`` equal chunks."""
     if config.objective != "contrastive":
         return
-    chunks = int(config.contrastive.get("encoder_chunks", 1))
+    # The objective's own settings: its default for configs written before the key, its check that it is positive.
+    chunks = ContrastiveSettings.from_config(config.contrastive).encoder_chunks
     rows = 2 * (int(config.data.batch_size) // num_devices)
-    if chunks < 1 or rows % chunks:
+    if rows % chunks:
         raise ValueError(
             f"contrastive.encoder_chunks={chunks} does not divide the {rows} encoder rows each of the {num_devices} "
             f"devices holds (2 views x {rows // 2} images); use a divisor of {rows}"
