@@ -8,6 +8,10 @@ of an output is ``max |value - float64| / max |float64|`` over the whole array, 
   reference  the reference's float32 formulation in PyTorch: the (B, N, D) broadcast velocity with max-shifted
              pdfs, float32 time arithmetic, DPM-Solver++ data prediction through the noise prediction; run by
              a separate Python that has CPU torch (--torch-python); it imports nothing from lzn_jax
+  inputs     the exact (float64) flow of the inputs rounded to float32: the error that any float32 solver
+             inherits from its inputs alone, before it rounds anything itself. Where an output's error is near
+             this floor, what is left of it comes from the problem's sensitivity, not from the solver; below it,
+             a solver's own rounding happens to cancel part of the inputs'.
 
 Outputs: Euler and DPM-Solver++ forward latents (20 steps), the anchor gradient of <latents, W> through each,
 and the Euler reverse flow (100 steps) of 64 Gaussian latents against the N anchors: its end points and its
@@ -22,6 +26,12 @@ in float64 ("x64 blk": its float64 outputs against the dense kernel's float64 on
 The reverse flow has no blockwise column (zoning.assign needs the dense kernel).
 
   python benchmarks/zoning_accuracy.py --size 256 --block-size 128
+
+--per-seed prints each seed's row instead of the worst over the seeds, and --cases picks cases, e.g. the
+near-duplicates' reverse posteriors seed by seed:
+
+  python benchmarks/zoning_accuracy.py --torch-python .venv-torch/bin/python --cases near-dup --seeds 0 1 2 3 \
+      4 5 6 7 --per-seed
 """
 
 from __future__ import annotations
@@ -179,11 +189,22 @@ def relative_error(value: np.ndarray, exact: np.ndarray) -> float:
     return float(np.max(np.abs(value - exact)) / np.max(np.abs(exact)))
 
 
+def rounded_to_float32(case: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The case's inputs as a float32 solver receives them, held in float64."""
+    return {k: v.astype(np.float32).astype(np.float64) for k, v in case.items()}
+
+
 def child(mode: str, case_path: str, out_path: str) -> None:
-    """``mode``: "reference", "float32", "float64", or one of these two with ":<block size>" (blockwise)."""
+    """``mode``: "reference", "float32", "float64", "inputs" (float64 on the float32-rounded inputs), or
+    "float32"/"float64" with ":<block size>" (blockwise)."""
     case = dict(np.load(case_path))
     if mode == "reference":
         results = run_reference(case)
+    elif mode == "inputs":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        results = run_ours(rounded_to_float32(case), "float64")
     else:
         dtype, _, block = mode.partition(":")
         if dtype == "float64":
@@ -209,12 +230,66 @@ def run_child(python: str, mode: str, case: dict[str, np.ndarray], workdir: str,
     return results
 
 
+CASES = {"scale1": ("scale 1", 1.0, False), "scale5": ("scale 5", 5.0, False),
+         "near-dup": ("near-dup, scale 5", 5.0, True)}
+
+
+def case_errors(args, label: str, seed: int, case: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per output: the errors of every column against the float64 flow ("reference", "ours", "inputs",
+    "blockwise", "x64 blk"), and ours and the reference's against the exact flow of the rounded inputs
+    ("ours*", "reference*")."""
+    with tempfile.TemporaryDirectory() as workdir:
+        exact = run_child(sys.executable, "float64", case, workdir)
+        columns = {"ours": run_child(sys.executable, "float32", case, workdir),
+                   "inputs": run_child(sys.executable, "inputs", case, workdir)}
+        if args.torch_python:
+            cached = None
+            if args.reference_cache:
+                os.makedirs(args.reference_cache, exist_ok=True)
+                name = f"{label.replace(' ', '_').replace(',', '')}_{seed}_{args.size}_{args.dim}.npz"
+                cached = os.path.join(args.reference_cache, name)
+            columns["reference"] = run_child(args.torch_python, "reference", case, workdir, cached)
+        if args.block_size is not None:
+            columns["blockwise"] = run_child(sys.executable, f"float32:{args.block_size}", case, workdir)
+            block64 = run_child(sys.executable, f"float64:{args.block_size}", case, workdir)
+    errors = {}
+    for name in OUTPUTS:
+        row = {column: relative_error(values[name], exact[name])
+               for column, values in columns.items() if name in values}
+        row["ours*"] = relative_error(columns["ours"][name], columns["inputs"][name])
+        if "reference" in columns:
+            row["reference*"] = relative_error(columns["reference"][name], columns["inputs"][name])
+        if args.block_size is not None and name in block64:
+            row["x64 blk"] = relative_error(block64[name], exact[name])
+        errors[name] = row
+    return errors
+
+
+def print_rows(label: str, errors: dict[str, dict[str, float]], blockwise: bool) -> None:
+    def cell(row, column, width=9):
+        return f"{row[column]:{width}.2e}" if column in row else f"{'-':>{width}}"
+
+    for name in OUTPUTS:
+        row = errors[name]
+        ratio = f"{row['reference'] / row['ours']:7.2f}x" if "reference" in row and row["ours"] > 0 else f"{'-':>8}"
+        text = (f"{label:<26} {name:<18} | {cell(row, 'reference')} {cell(row, 'ours')} | {ratio} | "
+                f"{cell(row, 'inputs', 8)} | {cell(row, 'reference*')} {cell(row, 'ours*')}")
+        if blockwise:
+            block_ratio = (f"{row['blockwise'] / row['ours']:7.2f}x" if "blockwise" in row and row["ours"] > 0
+                           else f"{'-':>8}")
+            gap = f"{row['x64 blk']:8.1e}" if "x64 blk" in row else f"{'-':>8}"
+            text += f" | {cell(row, 'blockwise')} {block_ratio} {gap}"
+        print(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--torch-python", help="a Python with CPU torch for the reference column")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--dim", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--per-seed", action="store_true", help="a row per seed instead of the worst of the seeds")
     parser.add_argument("--reference-cache", help="a folder that keeps the reference's outputs between runs (they "
                         "do not depend on this project's code, and take most of the time)")
     parser.add_argument("--block-size", type=int, help="also measure the forward outputs of the blockwise kernel")
@@ -223,51 +298,28 @@ def main() -> None:
     if args.child:
         child(*args.child)
         return
-    cases = [("scale 1", 1.0, False), ("scale 5", 5.0, False), ("near-dup, scale 5", 5.0, True)]
-    print(f"float32 accuracy: N = B = {args.size}, D = {args.dim}; max |x - x64| / max |x64|, worst of seeds "
-          f"{args.seeds}")
     blockwise = args.block_size is not None
-    extra_header = f" | {'blockwise':>9} {'blk/ours':>8} {'x64 blk':>8}" if blockwise else ""
-    print(f"{'case':<18} {'output':<18} | {'reference':>9} {'ours':>9} | {'ref/ours':>8}{extra_header}")
-    print("-" * (72 + len(extra_header)))
-    for label, scale, near in cases:
-        worst = {name: [0.0, 0.0] for name in OUTPUTS}
-        worst_blockwise = {name: [0.0, 0.0] for name in OUTPUTS}  # float32 error, float64 gap to dense
+    print(f"float32 accuracy: N = B = {args.size}, D = {args.dim}; max |x - x64| / max |x64|, "
+          + ("per seed" if args.per_seed else f"worst of seeds {args.seeds}")
+          + "; * = against the exact flow of the float32-rounded inputs instead")
+    header = (f"{'case':<26} {'output':<18} | {'reference':>9} {'ours':>9} | {'ref/ours':>8} | {'inputs':>8} | "
+              f"{'reference*':>9} {'ours*':>9}")
+    if blockwise:
+        header += f" | {'blockwise':>9} {'blk/ours':>8} {'x64 blk':>8}"
+    print(header)
+    print("-" * len(header))
+    for key in args.cases:
+        label, scale, near = CASES[key]
+        worst: dict[str, dict[str, float]] = {name: {} for name in OUTPUTS}
         for seed in args.seeds:
-            case = make_case(seed, args.size, args.dim, scale, near)
-            with tempfile.TemporaryDirectory() as workdir:
-                exact = run_child(sys.executable, "float64", case, workdir)
-                ours = run_child(sys.executable, "float32", case, workdir)
-                cached = None
-                if args.reference_cache:
-                    os.makedirs(args.reference_cache, exist_ok=True)
-                    cached = os.path.join(args.reference_cache,
-                                          f"{label.replace(' ', '_').replace(',', '')}_{seed}_{args.size}_{args.dim}.npz")
-                reference = (run_child(args.torch_python, "reference", case, workdir, cached)
-                             if args.torch_python else None)
-                if blockwise:
-                    block32 = run_child(sys.executable, f"float32:{args.block_size}", case, workdir)
-                    block64 = run_child(sys.executable, f"float64:{args.block_size}", case, workdir)
-            for name in OUTPUTS:
-                worst[name][1] = max(worst[name][1], relative_error(ours[name], exact[name]))
-                if reference is not None:
-                    worst[name][0] = max(worst[name][0], relative_error(reference[name], exact[name]))
-                if blockwise and name in block32:
-                    worst_blockwise[name][0] = max(worst_blockwise[name][0],
-                                                   relative_error(block32[name], exact[name]))
-                    worst_blockwise[name][1] = max(worst_blockwise[name][1],
-                                                   relative_error(block64[name], exact[name]))
-        for name in OUTPUTS:
-            ref, own = worst[name]
-            ref_text = f"{ref:9.2e}" if args.torch_python else f"{'-':>9}"
-            ratio = f"{ref / own:7.2f}x" if args.torch_python and own > 0 else f"{'-':>8}"
-            extra = ""
-            if blockwise and name.startswith(("euler", "dpm")):
-                block_error, block_gap = worst_blockwise[name]
-                extra = f" | {block_error:9.2e} {block_error / own:7.2f}x {block_gap:8.1e}"
-            elif blockwise:
-                extra = f" | {'-':>9} {'-':>8} {'-':>8}"
-            print(f"{label:<18} {name:<18} | {ref_text} {own:9.2e} | {ratio}{extra}")
+            errors = case_errors(args, label, seed, make_case(seed, args.size, args.dim, scale, near))
+            if args.per_seed:
+                print_rows(f"{label}, seed {seed}", errors, blockwise)
+            for name, row in errors.items():
+                for column, value in row.items():
+                    worst[name][column] = max(worst[name].get(column, 0.0), value)
+        if not args.per_seed:
+            print_rows(label, worst, blockwise)
 
 
 if __name__ == "__main__":

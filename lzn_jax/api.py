@@ -303,7 +303,8 @@ def _own_zone_latents(anchors: jax.Array, noise: jax.Array, context: jax.Array) 
     def one(anchor, noise_row):
         own = anchor[None]
         zones = jnp.concatenate([context.astype(own.dtype), own])
-        return zoning.compute_latents(own, noise_row[None], context=zones,
+        own_index = jnp.full((1,), context.shape[0], jnp.int32)  # the own anchor is the last row of the zones
+        return zoning.compute_latents(own, noise_row[None], context=zones, own_index=own_index,
                                       options=classification.IMAGE_LATENT_OPTIONS)[0]
 
     return jax.vmap(one)(anchors, noise)

@@ -161,15 +161,17 @@ def _unblocked(g_blocks, g_weight_blocks, context):
 # ------------------------------------------------------------------------------------------------ from pivots
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def blockwise_pivot_posterior(query, context, pivots, log_weights, targets, time, distance_scale, block_size):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def blockwise_pivot_posterior(query, context, pivots, log_weights, targets, own_index, time, distance_scale,
+                              block_size):
     """``(mean_offset (B, D), log_normaliser (B,), target_log_probs (B,))``, measured from each row's pivot.
 
     Args:
       query: (B, D) ``x_b - (1 - t) r_b``, formed without cancellation by the caller; context: (N, D);
       pivots: (B, D) the ``r_b``; log_weights: (N,); targets: (B,) int, the anchor whose log posterior each
-      row records (any valid index where nothing is recorded); time, distance_scale: ``t`` and ``1 / (2 t^2)``;
-      block_size: static int.
+      row records (any valid index where nothing is recorded); own_index: (B,) int or None, the column of
+      ``context`` that holds each row's pivot itself (as for ``_dense.dense_pivot_posterior``); time,
+      distance_scale: ``t`` and ``1 / (2 t^2)``; block_size: static int.
     Returns:
       ``sum_j p_bj (a_j - r_b)``; the log-normaliser of the logits measured from the pivot
       (:func:`_pivot_block_reductions`), which is the absolute one at ``x = query + (1 - t) pivots`` plus
@@ -184,10 +186,11 @@ def blockwise_pivot_posterior(query, context, pivots, log_weights, targets, time
                                                           time, distance_scale, log_normaliser)
 
 
-def _blockwise_pivot_posterior_fwd(query, context, pivots, log_weights, targets, time, distance_scale, block_size):
-    outputs = blockwise_pivot_posterior(query, context, pivots, log_weights, targets, time, distance_scale,
-                                        block_size)
-    return outputs, (query, context, pivots, log_weights, targets, time, distance_scale, outputs[1])
+def _blockwise_pivot_posterior_fwd(query, context, pivots, log_weights, targets, own_index, time, distance_scale,
+                                   block_size):
+    outputs = blockwise_pivot_posterior(query, context, pivots, log_weights, targets, own_index, time,
+                                        distance_scale, block_size)
+    return outputs, (query, context, pivots, log_weights, targets, own_index, time, distance_scale, outputs[1])
 
 
 def _blockwise_pivot_posterior_bwd(block_size, residuals, cotangents):
@@ -210,8 +213,11 @@ def _blockwise_pivot_posterior_bwd(block_size, residuals, cotangents):
     are computed as products, with ``G'``, the logit cotangents without the entries at pivot gap exactly zero,
     in the terms that hold the gaps: ``G' @ A - rowsum(G') r`` and ``G'.T @ R - colsum(G') a``. The left-out
     entries add exactly nothing to either sum, and without them neither product holds the large own-anchor term
-    early in the flow, so neither cancels to a small result (the dense pivot kernel does the same)."""
-    query, context, pivots, log_weights, targets, time, distance_scale, log_normaliser = residuals
+    early in the flow, so neither cancels to a small result (the dense pivot kernel does the same).
+    * **Each row's own anchor, where the context holds it** (``own_index``), gets no share of the mean's
+      cotangent, and neither does the pivot for it: the two are one value, and their shares ``p g`` and
+      ``-p g`` cancel exactly (``_dense._dense_pivot_posterior_bwd`` explains why that matters)."""
+    query, context, pivots, log_weights, targets, own_index, time, distance_scale, log_normaliser = residuals
     g_mean, g_log_normaliser, g_target = cotangents
     query, pivots = _tied(query, pivots)
     blocks = split_blocks(context, block_size, 0.0)
@@ -222,19 +228,26 @@ def _blockwise_pivot_posterior_bwd(block_size, residuals, cotangents):
         anchors, block_log_weights, start = block
         products, squared_gaps, gap_g_mean = _pivot_block_reductions(query, pivots, anchors, time, g_mean)
         logits = _pivot_logits(products, block_log_weights, time, distance_scale)
-        is_target = (start + jnp.arange(anchors.shape[0], dtype=targets.dtype))[None, :] == targets[:, None]
-        return jnp.exp(logits - log_normaliser[:, None]), -gap_g_mean, squared_gaps == 0, is_target
+        columns = (start + jnp.arange(anchors.shape[0], dtype=targets.dtype))[None, :]
+        is_target = columns == targets[:, None]
+        is_own = None if own_index is None else columns == own_index[:, None]
+        return jnp.exp(logits - log_normaliser[:, None]), -gap_g_mean, squared_gaps == 0, is_target, is_own
+
+    def mean_weights(unnormalised, is_own):
+        """The posterior weights that enter the mean's cotangent: all but each row's own anchor's."""
+        return unnormalised if is_own is None else jnp.where(is_own, 0.0, unnormalised)
 
     def accumulate_sums(carry, block):
-        total, others_total, row_dot = carry
-        unnormalised, relative_g_probs, _, is_target = block_posterior(block)
+        total, others_total, row_dot, not_own_total = carry
+        unnormalised, relative_g_probs, _, is_target, is_own = block_posterior(block)
         return (total + jnp.sum(unnormalised, axis=-1),
                 others_total + jnp.sum(jnp.where(is_target, 0.0, unnormalised), axis=-1),
-                row_dot + jnp.sum(unnormalised * relative_g_probs, axis=-1)), None
+                row_dot + jnp.sum(unnormalised * relative_g_probs, axis=-1),
+                not_own_total + jnp.sum(mean_weights(unnormalised, is_own), axis=-1)), None
 
     zeros = jnp.zeros_like(log_normaliser)
-    (total, others_total, row_dot), _ = jax.lax.scan(accumulate_sums, (zeros, zeros, zeros),
-                                                     (blocks, weight_blocks, starts))
+    (total, others_total, row_dot, not_own_total), _ = jax.lax.scan(accumulate_sums, (zeros,) * 4,
+                                                                    (blocks, weight_blocks, starts))
     # The normaliser's cotangent enters as a constant shift of g_probs (d lse / d logits = probs); the
     # target's own logit adds g_target to its column, and its normaliser path, -g_target, joins the shift.
     shift = (g_log_normaliser - g_target - row_dot / total)[:, None]
@@ -242,7 +255,7 @@ def _blockwise_pivot_posterior_bwd(block_size, residuals, cotangents):
 
     def block_cotangents(g_query, block):
         anchors = block[0]
-        unnormalised, relative_g_probs, at_pivot, is_target = block_posterior(block)
+        unnormalised, relative_g_probs, at_pivot, is_target, is_own = block_posterior(block)
         probs = unnormalised / total[:, None]
         at_target = probs * (relative_g_probs + shift + g_target[:, None]) + target_share
         g_logits = jnp.where(is_target, at_target, probs * (relative_g_probs + shift))
@@ -253,7 +266,7 @@ def _blockwise_pivot_posterior_bwd(block_size, residuals, cotangents):
         logit_share = (transposed_product(g_logits, query)
                        + (1.0 - time) * (transposed_product(others, pivots)
                                          - jnp.sum(others, axis=0)[:, None] * anchors))
-        g_anchors = (transposed_product(probs, g_mean)
+        g_anchors = (transposed_product(mean_weights(probs, is_own), g_mean)
                      + (2.0 * distance_scale * (1.0 - time)) * logit_share)
         return g_query, (g_anchors, jnp.sum(g_logits, axis=0))
 
@@ -261,12 +274,12 @@ def _blockwise_pivot_posterior_bwd(block_size, residuals, cotangents):
                                                         (blocks, weight_blocks, starts))
     g_query = (2.0 * distance_scale * (1.0 - time)) * g_query
     g_context, g_log_weights = _unblocked(g_blocks, g_weight_blocks, context)
-    # The logits are those at x = q + (1 - t) r plus |q|^2 / (2 t^2), and the output has -r subtracted (its
-    # weights sum to one). Both callers hold the pivots constant, so this is discarded there.
+    # The logits are those at x = q + (1 - t) r plus |q|^2 / (2 t^2), and the output has -r subtracted with
+    # the weights of the anchors other than the row's own one (which is left out above).
     g_pivots = ((1.0 - time) * (g_query - (2.0 * distance_scale * g_log_normaliser)[:, None] * query)
-                - g_mean)
+                - (not_own_total / total)[:, None] * g_mean)
     g_targets = np.zeros(targets.shape, jax.dtypes.float0)
-    return (g_query, g_context, g_pivots, g_log_weights, g_targets, jnp.zeros_like(time),
+    return (g_query, g_context, g_pivots, g_log_weights, g_targets, None, jnp.zeros_like(time),
             jnp.zeros_like(distance_scale))
 
 
@@ -305,5 +318,6 @@ def blockwise_posterior(x, context, log_weights, targets, time, distance_scale, 
     pivots = jax.lax.stop_gradient(
         context[_expansion_argmax(x, context, log_weights, time, distance_scale, block_size)])
     mean_offset, _, recorded = blockwise_pivot_posterior(offset_from(x, pivots, time), context, pivots,
-                                                         log_weights, targets, time, distance_scale, block_size)
+                                                         log_weights, targets, None, time, distance_scale,
+                                                         block_size)
     return pivots + mean_offset, (x - pivots) - mean_offset, recorded

@@ -60,27 +60,23 @@ def _log_posterior(query, context, offsets, log_weights, inner_scale, norm_scale
     return jax.nn.log_softmax(_logits(query, context, offsets, log_weights, inner_scale, norm_scale), axis=-1)
 
 
-def _logit_cotangents(context, probs, g_mean, g_log_probs):
-    """Backward of ``logits -> (softmax @ context, log_softmax)``.
-
-    Returns d(loss)/d(logits) (B, N) and the direct contribution of ``mean = probs @ context`` to
-    d(loss)/d(context) (N, D).
-    """
-    g_probs = jnp.matmul(g_mean, context.T, precision=HIGHEST)
+def _logit_cotangents(probs, g_probs, g_log_probs):
+    """d(loss)/d(logits) (B, N), the backward of ``logits -> (probs, log_softmax)``, from the cotangent of the
+    probabilities ``g_probs`` (B, N) (a per-row shift of it changes nothing) and of the log posterior."""
     # sum_j probs_j g_probs_j equals <g_mean, mean> in exact arithmetic, but when the posterior is one-hot only
     # this form cancels exactly against g_probs; the shortcut leaves rounding noise that the 1/t^2 scale of the
     # logits then amplifies by up to 1e8.
     g_logits = probs * (g_probs - jnp.sum(probs * g_probs, axis=-1, keepdims=True))
     if type(g_log_probs) is not SymbolicZero:  # a flow that records the posterior (the forward flows do not)
         g_logits = g_logits + g_log_probs - probs * jnp.sum(g_log_probs, axis=-1, keepdims=True)
-    return g_logits, transposed_product(probs, g_mean)
+    return g_logits
 
 
 def _input_cotangents(query, context, offsets, probs, inner_scale, norm_scale, g_mean, g_log_probs):
     """Cotangents of (query, context, offsets, log_weights) shared by both kernels."""
-    g_logits, g_context = _logit_cotangents(context, probs, g_mean, g_log_probs)
+    g_logits = _logit_cotangents(probs, jnp.matmul(g_mean, context.T, precision=HIGHEST), g_log_probs)
     g_query = inner_scale * jnp.matmul(g_logits, context, precision=HIGHEST)
-    g_context = g_context + inner_scale * transposed_product(g_logits, query)
+    g_context = transposed_product(probs, g_mean) + inner_scale * transposed_product(g_logits, query)
     g_log_weights = jnp.sum(g_logits, axis=0)
     g_offsets = -norm_scale * (g_log_weights if offsets.ndim == 1 else g_logits)
     return g_query, g_context, g_offsets, g_log_weights
@@ -196,14 +192,17 @@ dense_posterior.defvjp(_dense_posterior_fwd, _dense_posterior_bwd)
 # ------------------------------------------------------------------------------------------------ from pivots
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
-def dense_pivot_posterior(query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale, time,
-                          distance_scale, refine: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def dense_pivot_posterior(query, context, pivots, pivot_distances, own_index, log_weights, inner_scale, norm_scale,
+                          time, distance_scale, refine: bool):
     """``(mean_offset (B, D), log_probs (B, N))``: the posterior mean relative to each row's pivot.
 
     Args:
       query: (B, D) ``x_b - (1 - t) r_b`` (:func:`offset_from`); context: (N, D); pivots: (B, D) the ``r_b``;
-      pivot_distances: (B, N) ``|a_j - r_b|^2`` from :func:`pivot_squared_distances`; log_weights: (N,);
+      pivot_distances: (B, N) ``|a_j - r_b|^2`` from :func:`pivot_squared_distances`; own_index: (B,) int or
+      None: the column of ``context`` that holds each row's pivot itself, the same differentiable value (the
+      forward flow of a batch against its own anchors), which the backward pass then treats as one
+      (:func:`_dense_pivot_posterior_bwd`); log_weights: (N,);
       refine: recompute each row's leading logits from exact differences (:func:`_refine_leading_logits`).
     Returns:
       ``sum_j p_bj (a_j - r_b)`` and the normalised log posterior.
@@ -226,32 +225,47 @@ def dense_pivot_posterior(query, context, pivots, pivot_distances, log_weights, 
 def _dense_pivot_posterior_fwd(*primals):
     # With symbolic zeros (see defvjp below) the differentiable inputs arrive wrapped.
     *primals, refine = [getattr(primal, "value", primal) for primal in primals]
-    query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale, time, distance_scale = primals
-    outputs = dense_pivot_posterior(query, context, pivots, pivot_distances, log_weights, inner_scale, norm_scale,
-                                    time, distance_scale, refine)
-    residuals = (query, context, pivots, pivot_distances, jnp.exp(outputs[1]), inner_scale, norm_scale)
+    (query, context, pivots, pivot_distances, own_index, log_weights, inner_scale, norm_scale, time,
+     distance_scale) = primals
+    outputs = dense_pivot_posterior(query, context, pivots, pivot_distances, own_index, log_weights, inner_scale,
+                                    norm_scale, time, distance_scale, refine)
+    residuals = (query, context, pivots, pivot_distances, own_index, jnp.exp(outputs[1]), inner_scale, norm_scale)
     return outputs, residuals
 
 
 def _dense_pivot_posterior_bwd(refine, residuals, cotangents):
-    query, context, pivots, pivot_distances, probs, inner_scale, norm_scale = residuals
+    """The origin kernel's backward pass, for an output measured from the pivots.
+
+    The output is ``sum_j p_bj (a_j - r_b)``. Its term for an anchor ``a_j`` contributes ``p_bj g_b`` to that
+    anchor's cotangent and ``-p_bj g_b`` to the pivot's. Where that anchor *is* the row's pivot (``own_index``),
+    the two are the same value's, and their sum is exactly zero: both are left out. This matters because early in
+    a forward flow the own anchor holds almost all the mass and each of the two is as large as the state's
+    cotangent, up to 1e4 times the gradient; summed after the fact, their float32 rounding would be all that
+    is left of it (docs/numerics.md, "Conditioning of the flow and gradient cancellation"). Anchors that only
+    coincide with the pivot in value keep both contributions, as they are different inputs.
+    """
+    query, context, pivots, pivot_distances, own_index, probs, inner_scale, norm_scale = residuals
     g_mean, g_log_probs = cotangents
     if type(g_mean) is SymbolicZero:
         g_mean = jnp.zeros(g_mean.shape, g_mean.dtype)
-    # The output is softmax @ context - pivots as a function of independent inputs (the masked terms are zero
-    # only where an anchor coincides with the pivot), so its cotangents are the origin kernel's plus -g for
-    # the pivots; the pivots' per-row shift of g_probs cancels in the softmax backward.
-    g_logits, g_context = _logit_cotangents(context, probs, g_mean, g_log_probs)
+    # A per-row shift of g_probs cancels in the softmax backward, so g_probs = g_mean @ A.T with absolute anchors
+    # serves for the mean measured from the pivots.
+    g_logits = _logit_cotangents(probs, jnp.matmul(g_mean, context.T, precision=HIGHEST), g_log_probs)
     # g_logits rows sum to zero, so g_logits @ context = sum_j g_bj (a_j - r_b): formed from the anchors that
     # differ from the pivot, as in the forward pass, it is small where the row sits in its own zone instead of
     # a difference of anchor-sized products (which 1/t^2 would then amplify).
     others = jnp.where(pivot_distances == 0, 0.0, g_logits)
     g_query = inner_scale * (jnp.matmul(others, context, precision=HIGHEST)
                              - jnp.sum(others, axis=-1, keepdims=True) * pivots)
-    g_context = g_context + inner_scale * transposed_product(g_logits, query)
+    mean_weights = probs
+    if own_index is not None:
+        own = jnp.arange(probs.shape[1], dtype=own_index.dtype)[None, :] == own_index[:, None]
+        mean_weights = jnp.where(own, 0.0, probs)
+    g_context = transposed_product(mean_weights, g_mean) + inner_scale * transposed_product(g_logits, query)
+    g_pivots = -jnp.sum(mean_weights, axis=-1, keepdims=True) * g_mean
     g_log_weights = jnp.sum(g_logits, axis=0)
     zero = jnp.zeros_like(inner_scale)
-    return (g_query, g_context, -g_mean, -norm_scale * g_logits, g_log_weights, zero, zero, zero, zero)
+    return (g_query, g_context, g_pivots, -norm_scale * g_logits, None, g_log_weights, zero, zero, zero, zero)
 
 
 # Symbolic zeros: the forward flows never use the log posterior, so its cotangent, a (B, N) array of zeros,

@@ -65,20 +65,25 @@ def remat_plan(options: SolverOptions, *, batch: int, num_anchors: int, dim: int
 
 
 class Origin(NamedTuple):
-    """Per-row pivots (B, D) and their exact squared distances to every context anchor (B, N)."""
+    """Per-row pivots (B, D), their exact squared distances to every context anchor (B, N) (None for the
+    blockwise kernel, which forms them block by block), and the column of the context that holds each row's
+    pivot itself (B,) int, or None where the context does not hold the pivots."""
 
     pivots: jax.Array
-    squared_distances: jax.Array
+    squared_distances: jax.Array | None
+    own_index: jax.Array | None = None
 
 
-def pivot_origin(pivots: jax.Array, context: jax.Array, *, pivots_are_context: bool = False) -> Origin:
+def pivot_origin(pivots: jax.Array, context: jax.Array, *, own_index: jax.Array | None = None,
+                 pivots_are_context: bool = False) -> Origin:
     """The origin of rows whose own anchors are ``pivots`` (B, D), against ``context`` (N, D).
 
-    ``pivots_are_context``: the two hold the same values (the distances then cost about half as much).
+    ``own_index``: see :class:`Origin`. ``pivots_are_context``: the two hold the same values (the distances
+    then cost about half as much).
     """
     # Inside shard_map a replicated context (e.g. label anchors) must vary like the rows before the custom VJP.
     return Origin(pivots, _dense.pivot_squared_distances(*match_varying_axes(pivots, context),
-                                                         pivots_are_context))
+                                                         pivots_are_context), own_index)
 
 
 class Evaluation(NamedTuple):
@@ -136,7 +141,8 @@ def make_evaluator(
                 query = state + scales.time * origin.pivots
                 operands = match_varying_axes(query, context, origin.pivots, log_weights, recorded_index,
                                               scales.time, scales.distance_scale)
-                prediction, _, recorded = _blockwise.blockwise_pivot_posterior(*operands, int(block_size))
+                prediction, _, recorded = _blockwise.blockwise_pivot_posterior(*operands[:5], origin.own_index,
+                                                                               *operands[5:], int(block_size))
                 residual = state - prediction
             return Evaluation(prediction, residual, recorded if record == RECORD_TARGETS else None)
         if origin is None:
@@ -148,7 +154,8 @@ def make_evaluator(
             query = state + scales.time * origin.pivots
             operands = match_varying_axes(query, context, origin.pivots, origin.squared_distances, log_weights,
                                           scales.inner_scale, scales.norm_scale, scales.time, scales.distance_scale)
-            prediction, log_probs = _dense.dense_pivot_posterior(*operands, refine)
+            prediction, log_probs = _dense.dense_pivot_posterior(*operands[:4], origin.own_index, *operands[4:],
+                                                                 refine)
             residual = state - prediction  # both small inside the own zone: no cancellation
         if record == RECORD_ALL:
             return Evaluation(prediction, residual, log_probs)

@@ -83,14 +83,32 @@ def check_log_weights(log_weights, num_anchors: int) -> None:
                          "all -inf")
 
 
-def check_targets(targets, rows: int, num_anchors: int) -> None:
+def check_targets(targets, rows: int, num_anchors: int, name: str = "targets") -> None:
     dtype = targets.dtype if hasattr(targets, "dtype") else np.asarray(targets).dtype
     if np.shape(targets) != (rows,) or not np.issubdtype(dtype, np.integer):
-        raise ValueError(f"targets must be ({rows},) integers, got shape {np.shape(targets)} and dtype {dtype}")
+        raise ValueError(f"{name} must be ({rows},) integers, got shape {np.shape(targets)} and dtype {dtype}")
     values = _concrete(targets)
     if values is not None and (np.any(values < 0) or np.any(values >= num_anchors)):
-        raise ValueError(f"targets must index the {num_anchors} context anchors, i.e. lie in [0, {num_anchors}); "
+        raise ValueError(f"{name} must index the {num_anchors} context anchors, i.e. lie in [0, {num_anchors}); "
                          f"got values from {values.min()} to {values.max()}")
+
+
+@jax.jit
+def _mismatched_own_rows(own_index, anchors, context) -> jax.Array:
+    return jnp.sum(jnp.any(context[own_index] != anchors, axis=1))
+
+
+def check_own_index(own_index, anchors, context) -> None:
+    """``own_index`` (B,) must be integers that pick the anchors' own rows out of ``context``; where all three
+    are concrete, the rows are compared on the device and only the count of mismatches is fetched."""
+    check_targets(own_index, np.shape(anchors)[0], np.shape(context)[0], name="own_index")
+    if any(isinstance(array, jax.core.Tracer) for array in (own_index, anchors, context)):
+        return
+    mismatched = int(jax.device_get(_mismatched_own_rows(own_index, anchors, context)))
+    if mismatched:
+        raise ValueError(f"context[own_index] must equal anchors row for row; {mismatched} of "
+                         f"{np.shape(anchors)[0]} rows differ. own_index names the row of context that holds each "
+                         "anchor itself.")
 
 
 # ---------------------------------------------------------------------------------------------- forward flow
@@ -100,26 +118,29 @@ def forward_start(anchors: jax.Array, noise: jax.Array, eps: float) -> jax.Array
     """(B, D) start of the forward flow at t = eps, relative to the own anchor: ``eps * (noise - anchors)``.
 
     The absolute start point is ``eps * noise + (1 - eps) * anchors``; its offset from the anchor is formed
-    directly, so it keeps full relative precision however small eps is. Its derivative is that of the absolute
-    start point (``1 - eps`` with respect to the anchors), as the pivot the offset is taken from is a constant.
+    directly, so it keeps full relative precision however small eps is.
     """
-    return eps * (noise - anchors) + (anchors - jax.lax.stop_gradient(anchors))
+    return eps * (noise - anchors)
 
 
 @functools.partial(jax.jit, static_argnames=("options", "context_is_anchors"))
-def _compute_latents(anchors, noise, context, options: SolverOptions, context_is_anchors: bool = False):
+def _compute_latents(anchors, noise, context, own_index, options: SolverOptions, context_is_anchors: bool = False):
     dtype = solver_dtype(anchors, noise, context)
     anchors, noise, context = anchors.astype(dtype), noise.astype(dtype), context.astype(dtype)
+    if context_is_anchors:
+        own_index = jnp.arange(anchors.shape[0], dtype=jnp.int32)
     eps = options.start_offset
-    # The flow's state is measured from each row's own anchor (docs/numerics.md, "Logits measured from a pivot
-    # point"). The posterior does not depend on the choice of pivots, so they are constants for
-    # differentiation: gradients then take the same paths as in absolute coordinates, and the large
-    # pivot terms of each step never have to cancel in the backward pass.
-    pivots = jax.lax.stop_gradient(anchors)
+    # The flow's state is measured from each row's own anchor, its pivot (docs/numerics.md, "Logits measured
+    # from a pivot point"): y = x - r from the start offset to the end, where the latents are y + r. The
+    # pivots are the anchors themselves, differentiable like any other input. Where the context holds them too
+    # (own_index), the kernels combine each anchor's two roles before they are summed, so the large,
+    # nearly opposite contributions of the two never have to cancel in float32 ("Conditioning of the flow
+    # and gradient cancellation").
     if options.block_size is None:
-        origin = _evaluator.pivot_origin(pivots, context, pivots_are_context=context_is_anchors)
+        origin = _evaluator.pivot_origin(anchors, context, own_index=own_index,
+                                         pivots_are_context=context_is_anchors)
     else:  # the blockwise kernel needs no pivot distances: it forms exact pivot gaps block by block
-        origin = _evaluator.Origin(pivots, None)
+        origin = _evaluator.Origin(anchors, None, own_index)
     evaluate = _evaluator.make_evaluator(context, options, batch=anchors.shape[0], origin=origin)
     start = forward_start(anchors, noise, eps)
     if options.solver == "euler":
@@ -129,7 +150,7 @@ def _compute_latents(anchors, noise, context, options: SolverOptions, context_is
         times = dpm_lib.time_grid(options.num_steps, eps, reverse=False)
         orders = dpm_lib.step_orders(options.num_steps, options.order, options.lower_order_final)
         offsets, _ = dpm_lib.dpm_solver_flow(start, evaluate, times, orders)
-    return offsets + pivots
+    return offsets + anchors
 
 
 def compute_latents(
@@ -137,6 +158,7 @@ def compute_latents(
     noise: jax.Array,
     *,
     context: jax.Array | None = None,
+    own_index: jax.Array | None = None,
     solver: str | None = None,
     num_steps: int | None = None,
     eps: float | None = None,
@@ -148,6 +170,12 @@ def compute_latents(
       anchors: (B, D) the own samples' anchors (any float dtype; computed in float32, or float64 under x64).
       noise: (B, D) prior draw already scaled by the prior scale alpha (0 gives zone centres).
       context: (N, D) all anchors that define the zones; default ``anchors``.
+      own_index: (B,) int, only with ``context``: the row of ``context`` that holds each anchor itself, as in a
+        batch gathered across devices (``context[own_index] == anchors``, and computed from them, so that the
+        gradients of both meet in the anchors). The values are the same without it; the float32 anchor
+        gradients are then far less accurate, as each anchor's two roles are differentiated separately and
+        their large, opposite contributions summed afterwards (docs/numerics.md, "Conditioning of the flow and
+        gradient cancellation"). With ``context`` omitted, the anchors are the context and this is implied.
       solver, num_steps, eps: override the fields of ``options`` (defaults: DPM-Solver++, 20 steps, eps 1e-3;
         Euler's default eps is 1e-4). Euler runs t: eps -> 1, DPM-Solver++ t: eps -> 1 - eps.
       options: a :class:`SolverOptions` (kernel, rematerialisation, DPM order ...).
@@ -156,11 +184,16 @@ def compute_latents(
     """
     options = resolve_options(options, FORWARD_DEFAULTS, solver=solver, num_steps=num_steps, eps=eps)
     context_is_anchors = context is None or context is anchors
+    if own_index is not None and context_is_anchors:
+        raise ValueError("own_index applies to an explicit context that holds the anchors among other rows; "
+                         "without context (or with context=anchors) every row is its own anchor already")
     context = anchors if context is None else context
     check_matrix("anchors", anchors)
     check_matrix("noise", noise, dim=np.shape(anchors)[1], rows=np.shape(anchors)[0])
     check_matrix("context", context, dim=np.shape(anchors)[1])
-    return _compute_latents(anchors, noise, context, options, context_is_anchors)
+    if own_index is not None:
+        check_own_index(own_index, anchors, context)
+    return _compute_latents(anchors, noise, context, own_index, options, context_is_anchors)
 
 
 # ---------------------------------------------------------------------------------------------- reverse flow

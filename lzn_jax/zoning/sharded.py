@@ -67,7 +67,7 @@ def local_compute_latents(local_anchors: jax.Array, local_noise: jax.Array, *, a
       ``LocalLatents(latents (B_l, D), global_index (B_l,))``; the index is what a contrastive loss targets.
     """
     context, global_index = gather_context(local_anchors, axis_name)
-    latents = flows.compute_latents(local_anchors, local_noise, context=context,
+    latents = flows.compute_latents(local_anchors, local_noise, context=context, own_index=global_index,
                                     options=resolve_options(options, FORWARD_DEFAULTS))
     return LocalLatents(latents, global_index)
 

@@ -29,9 +29,11 @@ def test_public_api_runs_under_disallowed_transfers():
     # The sharded wrappers are called as a trainer calls them: on arrays already laid out by rows.
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     row_anchors, row_noise, row_targets = (jax.device_put(a, rows) for a in (anchors, noise, targets))
+    some_anchors, some_noise, own_rows = anchors[:8], noise[:8], targets[:8]  # rows 0-7 of the context
     with jax.transfer_guard("disallow"):
         latents = zoning.compute_latents(anchors, noise)
         zoning.compute_latents(anchors, noise, options=blockwise)
+        zoning.compute_latents(some_anchors, some_noise, context=anchors, own_index=own_rows)  # checked by value
         _, log_probs = zoning.assign(latents, anchors, log_weights=log_weights, num_steps=10)
         _, target_log_probs = zoning.assign_targets(latents, anchors, targets, num_steps=10)
         zoning.assign_targets(latents, anchors, targets, options=blockwise)

@@ -36,6 +36,47 @@ def test_check_grads_compute_latents(x64, solver, steps):
     check_grads(lambda a: f(a, a), (anchors,), order=1, modes=["rev"], eps=1e-6, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block_size", [None, 4])
+@pytest.mark.parametrize("solver", ["euler", "dpm_solver++"])
+def test_check_grads_compute_latents_with_own_index(x64, solver, block_size):
+    """The anchors are rows of a larger context, as after a gather across devices, named by ``own_index``; the
+    kernels then combine each anchor's two roles in the backward pass. One other context row is an exact copy of
+    an anchor but a separate input, so its contributions must stay apart from that anchor's."""
+    anchors, prior, projection = small_problem()
+    others = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3))).at[1].set(anchors[2])
+    own_index = jnp.asarray([6, 5, 4, 3, 2, 1], jnp.int32)  # context = others[0], anchors reversed, others[1:]
+    options = zoning.SolverOptions(solver=solver, num_steps=6, eps=0.05, block_size=block_size)
+
+    @jax.jit
+    def f(anchors, others):
+        context = jnp.concatenate([others[:1], anchors[::-1], others[1:]])
+        return jnp.sum(zoning.compute_latents(anchors, prior, context=context, own_index=own_index,
+                                              options=options) * projection)
+
+    check_grads(f, (anchors, others), order=1, modes=["rev"], eps=1e-5, atol=1e-6, rtol=1e-6)
+
+    def separate(anchors, context):  # the same function, each role differentiated on its own
+        return jnp.sum(zoning.compute_latents(anchors, prior, context=context, options=options) * projection)
+
+    context = jnp.concatenate([others[:1], anchors[::-1], others[1:]])
+    g_anchors, g_context = jax.grad(separate, argnums=(0, 1))(anchors, context)
+    expected = g_anchors + g_context[1:7][::-1]
+    np.testing.assert_allclose(jax.grad(f)(anchors, others), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_own_index_is_checked():
+    anchors, prior, _ = small_problem()
+    context = jnp.concatenate([anchors, anchors[:2] + 1.0])
+    with pytest.raises(ValueError, match="2 of 6 rows differ"):
+        zoning.compute_latents(anchors, prior, context=context, own_index=jnp.asarray([0, 1, 2, 3, 6, 7]))
+    with pytest.raises(ValueError, match=r"own_index must index the 8 context anchors"):
+        zoning.compute_latents(anchors, prior, context=context, own_index=jnp.arange(6) + 3)
+    with pytest.raises(ValueError, match=r"own_index must be \(6,\) integers"):
+        zoning.compute_latents(anchors, prior, context=context, own_index=jnp.arange(6.0))
+    with pytest.raises(ValueError, match="explicit context"):
+        zoning.compute_latents(anchors, prior, own_index=jnp.arange(6))
+
+
 @pytest.mark.parametrize("solver,steps", [("euler", 8), ("dpm_solver++", 5)])
 def test_check_grads_assign_and_alignment_loss(x64, solver, steps):
     anchors, prior, _ = small_problem(1)
@@ -203,7 +244,7 @@ def test_blockwise_kernels_values_and_gradients(x64):
     expected_targets = logits[np.arange(4), np.asarray(targets)] - log_normaliser
 
     mean_offset, pivot_log_normaliser, pivot_targets = _blockwise.blockwise_pivot_posterior(
-        query, context, pivots, log_weights, targets, time, scale, 3)
+        query, context, pivots, log_weights, targets, None, time, scale, 3)
     np.testing.assert_allclose(mean_offset, expected_mean - np.asarray(pivots), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(pivot_log_normaliser, log_normaliser + scale * jnp.sum(query**2, axis=-1),
                                rtol=1e-12)
@@ -216,7 +257,7 @@ def test_blockwise_kernels_values_and_gradients(x64):
 
     finite = jnp.where(jnp.isfinite(log_weights), log_weights, 0.0)
     weights = lambda w: jnp.where(jnp.isfinite(log_weights), w, -jnp.inf)  # noqa: E731
-    check_grads(jax.jit(lambda q, c, p, w: _blockwise.blockwise_pivot_posterior(q, c, p, weights(w), targets,
+    check_grads(jax.jit(lambda q, c, p, w: _blockwise.blockwise_pivot_posterior(q, c, p, weights(w), targets, None,
                                                                                 time, scale, 3)),
                 (query, context, pivots, finite), order=1, modes=["rev"], eps=1e-6, atol=1e-6, rtol=1e-6)
     # The origin kernel's targets include each row's own pivot (its most probable anchor) for rows 0 and 1.
