@@ -354,8 +354,8 @@ def _pivot_squared_distances_fwd(pivots, context, symmetric):
 def _pivot_squared_distances_bwd(symmetric, residuals, g_distances):
     pivots, context = residuals
     # d/d a_j |a_j - r_b|^2 = 2 (a_j - r_b) = -d/d r_b, weighted by the cotangents, in matmul form: its error is
-    # relative to the cotangents, which the 1/t^2 scale does not reach (the forward flow's pivots are constants,
-    # so only the context's share is used there).
+    # relative to the cotangents, which the 1/t^2 scale does not reach. The forward flow uses both shares (its
+    # pivots are the anchors themselves).
     g_context = 2.0 * (jnp.sum(g_distances, axis=0)[:, None] * context
                        - transposed_product(g_distances, pivots))
     g_pivots = 2.0 * (jnp.sum(g_distances, axis=1)[:, None] * pivots

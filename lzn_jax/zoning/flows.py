@@ -176,6 +176,9 @@ def compute_latents(
         gradients are then far less accurate, as each anchor's two roles are differentiated separately and
         their large, opposite contributions summed afterwards (docs/numerics.md, "Conditioning of the flow and
         gradient cancellation"). With ``context`` omitted, the anchors are the context and this is implied.
+        A value match is not enough: the backward pass leaves out both of the own anchor's opposite shares, so
+        with ``own_index`` only the sum of the anchors' and the context's gradients through the gather is right,
+        not each one alone (a ``stop_gradient`` on the context gives a wrong anchor gradient).
       solver, num_steps, eps: override the fields of ``options`` (defaults: DPM-Solver++, 20 steps, eps 1e-3;
         Euler's default eps is 1e-4). Euler runs t: eps -> 1, DPM-Solver++ t: eps -> 1 - eps.
       options: a :class:`SolverOptions` (kernel, rematerialisation, DPM order ...).
