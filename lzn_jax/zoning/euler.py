@@ -32,6 +32,14 @@ def euler_flow(start: jax.Array, evaluate: Evaluate, times: np.ndarray, step: fl
                reverse: bool) -> tuple[jax.Array, jax.Array | None]:
     """Integrates ``dx/dt = (x - D(x, t)) / t`` with Euler steps at ``times`` (float64, host).
 
+    The state is carried as an unevaluated sum ``x + c`` of two floats (compensated summation): ``c`` holds what
+    rounding each update to the state's precision drops, and is added back at the next update, so the flow does
+    not accumulate one rounding of the state per step. Each step evaluates the model at ``x``; with that
+    evaluation, the exact Euler update of ``x + c`` is ``x + [s r + (1 + s) c]``, with ``s = +-h/t`` and the
+    residual ``r = x - D(x)``. The correction is a constant for differentiation (its exact value is zero), so
+    the derivatives are those of the plain Euler step. docs/numerics.md, "Euler steps with a compensated
+    state".
+
     Args:
       start: (B, D) state at ``times[0]``; evaluate: the per-step evaluation (its residual x - D drives the step);
       step: the positive step size; reverse: integrate towards t = 0.
@@ -42,9 +50,16 @@ def euler_flow(start: jax.Array, evaluate: Evaluate, times: np.ndarray, step: fl
     # x_next = x +- (h / t) (x - D): the residual is formed first, so no large multiple of x cancels.
     scales = (-step if reverse else step) / times
 
-    def euler_step(x, per_step):
-        coefficients, scale = per_step
+    def euler_step(state, per_step):
+        x, correction = state
+        coefficients, scale, carried = per_step
         evaluation = evaluate(x, coefficients)
-        return x + scale.astype(dtype) * evaluation.residual, evaluation.recorded
+        increment = scale.astype(dtype) * evaluation.residual + carried.astype(dtype) * correction
+        updated = x + increment
+        # What the addition dropped (exact for |increment| <= |x|, and a good estimate otherwise).
+        correction = jax.lax.stop_gradient(increment - (updated - x))
+        return (updated, correction), evaluation.recorded
 
-    return jax.lax.scan(euler_step, start, (time_coefficients(times), jnp.asarray(scales)))
+    per_step = (time_coefficients(times), jnp.asarray(scales), jnp.asarray(1.0 + scales))
+    (end, correction), recorded = jax.lax.scan(euler_step, (start, jnp.zeros_like(start)), per_step)
+    return end + correction, recorded
