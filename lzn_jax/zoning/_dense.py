@@ -60,9 +60,13 @@ def _log_posterior(query, context, offsets, log_weights, inner_scale, norm_scale
     return jax.nn.log_softmax(_logits(query, context, offsets, log_weights, inner_scale, norm_scale), axis=-1)
 
 
-def _logit_cotangents(probs, g_probs, g_log_probs):
-    """d(loss)/d(logits) (B, N), the backward of ``logits -> (probs, log_softmax)``, from the cotangent of the
-    probabilities ``g_probs`` (B, N) (a per-row shift of it changes nothing) and of the log posterior."""
+def _logit_cotangents(context, probs, g_mean, g_log_probs):
+    """d(loss)/d(logits) (B, N), the backward of ``logits -> (softmax @ context, log_softmax)``.
+
+    A per-row shift of the probabilities' cotangent ``g_mean @ A.T`` cancels here, so it serves for a mean
+    measured from the origin and from per-row pivots alike.
+    """
+    g_probs = jnp.matmul(g_mean, context.T, precision=HIGHEST)
     # sum_j probs_j g_probs_j equals <g_mean, mean> in exact arithmetic, but when the posterior is one-hot only
     # this form cancels exactly against g_probs; the shortcut leaves rounding noise that the 1/t^2 scale of the
     # logits then amplifies by up to 1e8.
@@ -74,7 +78,7 @@ def _logit_cotangents(probs, g_probs, g_log_probs):
 
 def _input_cotangents(query, context, offsets, probs, inner_scale, norm_scale, g_mean, g_log_probs):
     """Cotangents of (query, context, offsets, log_weights) shared by both kernels."""
-    g_logits = _logit_cotangents(probs, jnp.matmul(g_mean, context.T, precision=HIGHEST), g_log_probs)
+    g_logits = _logit_cotangents(context, probs, g_mean, g_log_probs)
     g_query = inner_scale * jnp.matmul(g_logits, context, precision=HIGHEST)
     g_context = transposed_product(probs, g_mean) + inner_scale * transposed_product(g_logits, query)
     g_log_weights = jnp.sum(g_logits, axis=0)
@@ -248,9 +252,7 @@ def _dense_pivot_posterior_bwd(refine, residuals, cotangents):
     g_mean, g_log_probs = cotangents
     if type(g_mean) is SymbolicZero:
         g_mean = jnp.zeros(g_mean.shape, g_mean.dtype)
-    # A per-row shift of g_probs cancels in the softmax backward, so g_probs = g_mean @ A.T with absolute anchors
-    # serves for the mean measured from the pivots.
-    g_logits = _logit_cotangents(probs, jnp.matmul(g_mean, context.T, precision=HIGHEST), g_log_probs)
+    g_logits = _logit_cotangents(context, probs, g_mean, g_log_probs)
     # g_logits rows sum to zero, so g_logits @ context = sum_j g_bj (a_j - r_b): formed from the anchors that
     # differ from the pivot, as in the forward pass, it is small where the row sits in its own zone instead of
     # a difference of anchor-sized products (which 1/t^2 would then amplify).
