@@ -10,6 +10,8 @@ warm-up, with its rate and its time as a ratio of the plain ``P @ A`` in the sam
   P.T @ G               (B, N)^T x (B, D) -> (N, D): the two sums over the batch rows of the backward pass
   (G.T @ P).T           the same written as a transposed (D, N) product: XLA folds the transpose back
   transposed_product    the same behind an optimisation barrier (lzn_jax.zoning._dense.transposed_product)
+  G.T @ P               the same sum left as a (D, N) result (lzn_jax.zoning._dense.row_sum_product), as the dense
+                        kernels return it for the transposed context
   P * 2                 one elementwise pass over a fresh (B, N) array, for scale: its output's page faults
 
 docs/numerics.md ("Speed: the two sums over the batch rows") reads this table.
@@ -23,7 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lzn_jax.zoning._dense import transposed_product
+from lzn_jax.zoning._dense import row_sum_product, transposed_product
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -33,6 +35,7 @@ FORMS = {
     "P.T @ G": lambda x, a, p: jnp.matmul(p.T, x, precision=HIGHEST),
     "(G.T @ P).T": lambda x, a, p: jnp.matmul(x.T, p, precision=HIGHEST).T,
     "transposed_product": lambda x, a, p: transposed_product(p, x),
+    "G.T @ P": lambda x, a, p: row_sum_product(x, p),
     "P * 2": lambda x, a, p: p * 2.0,
 }
 

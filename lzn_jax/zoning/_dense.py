@@ -1,6 +1,11 @@
 """The dense posterior kernel: a ``(B, N)`` logits matmul, a log-softmax, and a hand-written backward pass.
 
 The only residual is the ``(B, N)`` posterior, so the backward pass is four matmuls and recomputes nothing.
+Both kernels take the context twice: ``context`` (N, D) for the forward products and ``context_t`` (D, N), the
+same anchors transposed once per flow outside the step loop, which receives the whole cotangent. The backward
+pass's two sums over the batch rows then come out of the products as (D, N) and add up over the steps as they
+are; a (N, D) cotangent would cost a strided transpose of each step's sum (4-5 % of the forward flow at
+B = N = 1024 on XLA:CPU; docs/numerics.md, "Speed: the two sums over the batch rows").
 Two variants share the backward pass:
 
 * :func:`dense_posterior` measures everything from the origin: ``mean = softmax @ context``;
@@ -76,14 +81,21 @@ def _logit_cotangents(context, probs, g_mean, g_log_probs):
     return g_logits
 
 
+def row_sum_product(values: jax.Array, rows: jax.Array) -> jax.Array:
+    """``values.T @ rows`` (D, N) for values (B, D) and rows (B, N): a sum over the batch rows, in the layout of
+    ``context_t``. Both operands are contracted over their leading axis, the form XLA:CPU runs at full speed
+    (``benchmarks/matmul_forms.py``)."""
+    return jnp.matmul(values.T, rows, precision=HIGHEST)
+
+
 def _input_cotangents(query, context, offsets, probs, inner_scale, norm_scale, g_mean, g_log_probs):
-    """Cotangents of (query, context, offsets, log_weights) shared by both kernels."""
+    """Cotangents of (query, context_t, offsets, log_weights) shared by both kernels; context_t's is (D, N)."""
     g_logits = _logit_cotangents(context, probs, g_mean, g_log_probs)
     g_query = inner_scale * jnp.matmul(g_logits, context, precision=HIGHEST)
-    g_context = transposed_product(probs, g_mean) + inner_scale * transposed_product(g_logits, query)
+    g_context_t = row_sum_product(g_mean, probs) + inner_scale * row_sum_product(query, g_logits)
     g_log_weights = jnp.sum(g_logits, axis=0)
     g_offsets = -norm_scale * (g_log_weights if offsets.ndim == 1 else g_logits)
-    return g_query, g_context, g_offsets, g_log_weights
+    return g_query, g_context_t, g_offsets, g_log_weights
 
 
 # ------------------------------------------------------------------------------------------------ from origin
@@ -146,13 +158,14 @@ def _mean_from_best(probs, context, candidates: Candidates):
     return rest_share - jnp.einsum("bk,bkd->bd", leading, candidates.gaps, precision=HIGHEST)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def dense_posterior(query, context, offsets, log_weights, inner_scale, norm_scale, time, distance_scale,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def dense_posterior(query, context, context_t, offsets, log_weights, inner_scale, norm_scale, time, distance_scale,
                     refine: bool):
     """``(mean (B, D), log_probs (B, N), residual (B, D))`` of the posterior at one time; ``residual = x - mean``.
 
     Args:
-      query: (B, D) the points x; context: (N, D) anchors; offsets: (N,) their squared norms;
+      query: (B, D) the points x; context: (N, D) anchors; context_t: (D, N) ``context.T``, which receives the
+      anchors' whole cotangent (see the module docstring); offsets: (N,) their squared norms;
       log_weights: (N,); inner_scale, norm_scale, time, distance_scale: scalars of
       :class:`velocity.TimeCoefficients`; refine: recompute each row's leading logits from exact differences
       (:func:`_refine_leading_logits`) and form the mean and ``x - mean`` from each row's best anchor, as
@@ -172,9 +185,9 @@ def dense_posterior(query, context, offsets, log_weights, inner_scale, norm_scal
     return candidates.best + mean_from_best, log_probs, (query - candidates.best) - mean_from_best
 
 
-def _dense_posterior_fwd(query, context, offsets, log_weights, inner_scale, norm_scale, time, distance_scale,
-                         refine):
-    outputs = dense_posterior(query, context, offsets, log_weights, inner_scale, norm_scale, time,
+def _dense_posterior_fwd(query, context, context_t, offsets, log_weights, inner_scale, norm_scale, time,
+                         distance_scale, refine):
+    outputs = dense_posterior(query, context, context_t, offsets, log_weights, inner_scale, norm_scale, time,
                               distance_scale, refine)
     return outputs, (query, context, offsets, jnp.exp(outputs[1]), inner_scale, norm_scale)
 
@@ -183,11 +196,11 @@ def _dense_posterior_bwd(refine, residuals, cotangents):
     query, context, offsets, probs, inner_scale, norm_scale = residuals
     g_mean, g_log_probs, g_residual = cotangents
     # residual = x - mean: its cotangent reaches the query directly and the mean with the opposite sign.
-    g_query, g_context, g_offsets, g_log_weights = _input_cotangents(
+    g_query, g_context_t, g_offsets, g_log_weights = _input_cotangents(
         query, context, offsets, probs, inner_scale, norm_scale, g_mean - g_residual, g_log_probs)
     # The time grid is static and carries no gradient.
     zero = jnp.zeros_like(inner_scale)
-    return g_query + g_residual, g_context, g_offsets, g_log_weights, zero, zero, zero, zero
+    return g_query + g_residual, None, g_context_t, g_offsets, g_log_weights, zero, zero, zero, zero
 
 
 dense_posterior.defvjp(_dense_posterior_fwd, _dense_posterior_bwd)
@@ -196,13 +209,14 @@ dense_posterior.defvjp(_dense_posterior_fwd, _dense_posterior_bwd)
 # ------------------------------------------------------------------------------------------------ from pivots
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
-def dense_pivot_posterior(query, context, pivots, pivot_distances, own_index, log_weights, inner_scale, norm_scale,
-                          time, distance_scale, refine: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
+def dense_pivot_posterior(query, context, context_t, pivots, pivot_distances, own_index, log_weights, inner_scale,
+                          norm_scale, time, distance_scale, refine: bool):
     """``(mean_offset (B, D), log_probs (B, N))``: the posterior mean relative to each row's pivot.
 
     Args:
-      query: (B, D) ``x_b - (1 - t) r_b`` (:func:`offset_from`); context: (N, D); pivots: (B, D) the ``r_b``;
+      query: (B, D) ``x_b - (1 - t) r_b`` (:func:`offset_from`); context: (N, D); context_t: (D, N)
+      ``context.T``, which receives the anchors' whole cotangent (module docstring); pivots: (B, D) the ``r_b``;
       pivot_distances: (B, N) ``|a_j - r_b|^2`` from :func:`pivot_squared_distances`; own_index: (B,) int or
       None: the column of ``context`` that holds each row's pivot itself, the same differentiable value (the
       forward flow of a batch against its own anchors), which the backward pass then treats as one
@@ -229,10 +243,10 @@ def dense_pivot_posterior(query, context, pivots, pivot_distances, own_index, lo
 def _dense_pivot_posterior_fwd(*primals):
     # With symbolic zeros (see defvjp below) the differentiable inputs arrive wrapped.
     *primals, refine = [getattr(primal, "value", primal) for primal in primals]
-    (query, context, pivots, pivot_distances, own_index, log_weights, inner_scale, norm_scale, time,
+    (query, context, context_t, pivots, pivot_distances, own_index, log_weights, inner_scale, norm_scale, time,
      distance_scale) = primals
-    outputs = dense_pivot_posterior(query, context, pivots, pivot_distances, own_index, log_weights, inner_scale,
-                                    norm_scale, time, distance_scale, refine)
+    outputs = dense_pivot_posterior(query, context, context_t, pivots, pivot_distances, own_index, log_weights,
+                                    inner_scale, norm_scale, time, distance_scale, refine)
     residuals = (query, context, pivots, pivot_distances, own_index, jnp.exp(outputs[1]), inner_scale, norm_scale)
     return outputs, residuals
 
@@ -263,11 +277,12 @@ def _dense_pivot_posterior_bwd(refine, residuals, cotangents):
     if own_index is not None:
         own = jnp.arange(probs.shape[1], dtype=own_index.dtype)[None, :] == own_index[:, None]
         mean_weights = jnp.where(own, 0.0, probs)
-    g_context = transposed_product(mean_weights, g_mean) + inner_scale * transposed_product(g_logits, query)
+    g_context_t = row_sum_product(g_mean, mean_weights) + inner_scale * row_sum_product(query, g_logits)
     g_pivots = -jnp.sum(mean_weights, axis=-1, keepdims=True) * g_mean
     g_log_weights = jnp.sum(g_logits, axis=0)
     zero = jnp.zeros_like(inner_scale)
-    return (g_query, g_context, g_pivots, -norm_scale * g_logits, None, g_log_weights, zero, zero, zero, zero)
+    return (g_query, None, g_context_t, g_pivots, -norm_scale * g_logits, None, g_log_weights, zero, zero, zero,
+            zero)
 
 
 # Symbolic zeros: the forward flows never use the log posterior, so its cotangent, a (B, N) array of zeros,

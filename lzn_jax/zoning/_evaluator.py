@@ -124,6 +124,9 @@ def make_evaluator(
     num_anchors = context.shape[0]
     log_weights = uniform_log_weights(log_weights, num_anchors, dtype)
     block_size = options.block_size
+    # The dense kernels return the anchors' cotangent as (D, N): transposed here, once per flow, it is summed
+    # over the steps in that layout and transposed back once (_dense.py's module docstring).
+    context_t = context.T if block_size is None else None
 
     def evaluate(state, coefficients):
         scales = cast_coefficients(coefficients, dtype)
@@ -146,15 +149,16 @@ def make_evaluator(
                 residual = state - prediction
             return Evaluation(prediction, residual, recorded if record == RECORD_TARGETS else None)
         if origin is None:
-            operands = match_varying_axes(state, context, _dense.squared_norms(context), log_weights,
+            operands = match_varying_axes(state, context, context_t, _dense.squared_norms(context), log_weights,
                                           scales.inner_scale, scales.norm_scale, scales.time, scales.distance_scale)
             prediction, log_probs, residual = _dense.dense_posterior(*operands, refine)
         else:
             # The offset x - (1 - t) r is state + t r: formed before any product, it keeps its own precision.
             query = state + scales.time * origin.pivots
-            operands = match_varying_axes(query, context, origin.pivots, origin.squared_distances, log_weights,
-                                          scales.inner_scale, scales.norm_scale, scales.time, scales.distance_scale)
-            prediction, log_probs = _dense.dense_pivot_posterior(*operands[:4], origin.own_index, *operands[4:],
+            operands = match_varying_axes(query, context, context_t, origin.pivots, origin.squared_distances,
+                                          log_weights, scales.inner_scale, scales.norm_scale, scales.time,
+                                          scales.distance_scale)
+            prediction, log_probs = _dense.dense_pivot_posterior(*operands[:5], origin.own_index, *operands[5:],
                                                                  refine)
             residual = state - prediction  # both small inside the own zone: no cancellation
         if record == RECORD_ALL:

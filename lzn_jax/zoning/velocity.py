@@ -98,7 +98,7 @@ def posterior(
     dtype = x.dtype
     scales = cast_coefficients(coefficients, dtype)
     log_weights = uniform_log_weights(log_weights, context.shape[0], dtype)
-    mean, log_probs, _ = _dense.dense_posterior(x, context, _dense.squared_norms(context), log_weights,
+    mean, log_probs, _ = _dense.dense_posterior(x, context, context.T, _dense.squared_norms(context), log_weights,
                                                 scales.inner_scale, scales.norm_scale, scales.time,
                                                 scales.distance_scale, True)
     return mean, log_probs

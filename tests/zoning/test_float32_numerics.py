@@ -56,8 +56,9 @@ def test_pivot_posterior_is_accurate_for_near_duplicates(t):
     assert np.max(np.abs(np.exp(np.asarray(refined, np.float64)) - expected)) < 5e-5
     if t == 0.05:  # ... where the plain expansion is off by 6e-3: the case is hard
         scales = velocity.cast_coefficients(velocity.time_coefficients(t), jnp.float32)
-        _, plain, _ = _dense.dense_posterior(x32, a32, _dense.squared_norms(a32), jnp.zeros(64), scales.inner_scale,
-                                          scales.norm_scale, scales.time, scales.distance_scale, False)
+        _, plain, _ = _dense.dense_posterior(x32, a32, a32.T, _dense.squared_norms(a32), jnp.zeros(64),
+                                             scales.inner_scale, scales.norm_scale, scales.time,
+                                             scales.distance_scale, False)
         assert np.max(np.abs(np.exp(np.asarray(plain, np.float64)) - expected)) > 1e-3
 
 
