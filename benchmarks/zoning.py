@@ -23,6 +23,10 @@ measurement whose first run exceeds 20 s counts that run as its first timed one.
      matmuls    the six products per step that forward + backward cannot avoid ((B,D)x(D,N) and (B,N)x(N,D)
                 forward, and backward two of those and two (B,N)^T x (B,D)), timed alone at the same shapes,
                 each in its fastest form (matmul_floor); "frac" = their time / ours.
+     flt ours / flt lean   minor page faults per timed call (getrusage), in thousands, of ours and of the lean
+                PyTorch rewrite: XLA:CPU allocates a program's temporaries as one block at every call, which
+                the process then faults through page by page (docs/numerics.md, "Speed: the two sums over the
+                batch rows", the paragraph on page faults).
 2. Reverse flow (--assign-sizes, default 1024, 2048; reverse Euler, --assign-steps 100): the gradient of the
    alignment loss (cut-off 0.2, probabilities) with respect to latents and context, targets = own index.
      assign     zoning.assign (records the (S, B, N) log posteriors) + zoning.alignment_loss
@@ -49,6 +53,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import time
@@ -216,10 +221,13 @@ def measure_jax(kind: str, solver: str, size: int, args) -> dict:
 
     first = run_once()  # the warm-up, unless it is long enough to count as a timed run
     times = [first] if first > LONG_RUN_SECONDS else []
-    times += [run_once() for _ in range(args.repeats - len(times))]
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    timed = args.repeats - len(times)
+    times += [run_once() for _ in range(timed)]
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / max(timed, 1)
     analysis = compiled.memory_analysis()
     peak = sum(getattr(analysis, f"{part}_size_in_bytes") for part in ("temp", "argument", "output"))
-    return {"seconds": min(times), "peak_bytes": peak}
+    return {"seconds": min(times), "peak_bytes": peak, "faults_per_call": faults}
 
 
 # ----------------------------------------------------------------------------------------- driver (parent)
@@ -244,6 +252,13 @@ def fmt_seconds(result) -> str:
     if result is None:
         return "-"
     return f"{result['seconds']:.3f}s" if ok(result) else "ERR"
+
+
+def fmt_faults(result) -> str:
+    """Minor page faults per timed call, in thousands."""
+    if not ok(result) or "faults_per_call" not in result:
+        return "-"
+    return f"{result['faults_per_call'] / 1e3:.1f}k"
 
 
 def fmt_bytes(result) -> str:
@@ -333,7 +348,8 @@ def main() -> None:
     if "forward" in blocks:
         columns = [("solver", 12), ("B=N", 5), ("remat", 5), ("ours", 8), ("mem", 6), ("lean", 8), ("mem", 6),
                    ("x lean", 7), ("lean-jax", 8), ("mem", 6), ("x l-jax", 7), ("jax-bcast", 9), ("mem", 6),
-                   ("torch", 9), ("mem", 6), ("x torch", 7), ("x jax-b", 7), ("matmuls", 8), ("frac", 5)]
+                   ("torch", 9), ("mem", 6), ("x torch", 7), ("x jax-b", 7), ("matmuls", 8), ("frac", 5),
+                   ("flt ours", 8), ("flt lean", 8)]
         print_header(f"forward flow (compute_latents), {args.steps} steps, grad of sum(latents * W) w.r.t. "
                      "anchors", columns)
         for solver in solvers:
@@ -351,7 +367,8 @@ def main() -> None:
                                     fmt_seconds(lean_jax), fmt_bytes(lean_jax), ratio(lean_jax, ours),
                                     fmt_seconds(jax_bcast), fmt_bytes(jax_bcast), fmt_seconds(torch_bcast),
                                     fmt_bytes(torch_bcast), ratio(torch_bcast, ours), ratio(jax_bcast, ours),
-                                    fmt_seconds(matmuls), fraction(matmuls, ours)])
+                                    fmt_seconds(matmuls), fraction(matmuls, ours), fmt_faults(ours),
+                                    fmt_faults(lean)])
                 report_errors({"ours": ours, "lean": lean, "lean-jax": lean_jax, "matmuls": matmuls,
                                "jax-bcast": jax_bcast, "torch": torch_bcast})
 

@@ -17,7 +17,8 @@ Modes (first argument):
            alignment loss -mean_b max_{s >= cut} P[s, b, target_b]; gradient w.r.t. latents and context.
 
 Prints one JSON line: {"seconds": best of the repeats, "peak_bytes": peak resident memory above the
-resident set once the inputs exist}. The peak is the process's high-water mark, so the first run sets it.
+resident set once the inputs exist, "faults_per_call": minor page faults per timed run}. The peak is the
+process's high-water mark, so the first run sets it.
 """
 
 import argparse
@@ -165,14 +166,17 @@ def main():
 
     baseline = resident_bytes()
     times = []
-    for _ in range(args.warmup + args.repeats):
+    for run in range(args.warmup + args.repeats):
+        if run == args.warmup:
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start_time = time.perf_counter()
         for leaf in leaves:
             leaf.grad = None
         loss().backward()
         times.append(time.perf_counter() - start_time)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.repeats
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
-    print(json.dumps({"seconds": min(times[args.warmup:]), "peak_bytes": peak}))
+    print(json.dumps({"seconds": min(times[args.warmup:]), "peak_bytes": peak, "faults_per_call": faults}))
 
 
 if __name__ == "__main__":
