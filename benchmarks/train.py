@@ -48,13 +48,20 @@ CUDA kernels when imported, and its __init__ loads data, metrics and loggers. Th
   * registers a stub for `lzn.model.ncsnpp_lib.op` (upfirdn2d, used only by FIR resampling, which CIFAR10 does
     not use: fir=False) and for `matplotlib.pyplot` (imported by its metric items, used only to draw);
   * starts a one-process gloo process group, so its all_gathers and DistributedDataParallel work;
-  * loads configs/lzn1/case_study_1_cifar10.py, sets the device to "cpu", and builds a GenerationTrainer with
+  * loads configs/lzn1/case_study_1_cifar10.py, sets the device to --reference_device, and builds a GenerationTrainer with
     `object.__new__` plus the trainer's own _initialize_{encoder,decoder,label_anchor,training_sampler,
     t_scheduler,losses,latent_flow,grad_scalar}, its EMA, optimizer and LR-scheduler factories, exactly as its
     __init__ does, minus data, metrics and loggers; DDP gets device_ids=None (CPU) instead of [local_rank];
   * times `trainer._train_iteration(data, label, prior_data)` (uniform images in [-1, 1], Gaussian prior).
   The RF step is the same trainer with the decoder's latent_dim 0, no encoder module, parameter group or EMA, and
   get_latent_from_data returning None (the reference has no RF config; this is its path with the encoder gone).
+
+On a GPU (not yet run: no GPU was available to this project's sessions), --platform cuda runs our items on the GPU
+(with --variants default: the other variants are XLA:CPU flags) and --reference_device cuda the reference's: its
+tensors on the GPU, an NCCL process group, DDP with the trainer's own device_ids, and torch.cuda.synchronize()
+around each timed call; --peak_tflops gives the FLOP utilisation, and the memory rows are then the GPU compiler's
+own analysis. The upfirdn2d stub stays (CIFAR10 does not use it), which also spares compiling the reference's
+CUDA extension. Our side needs the whole requirements.txt there (clu's summary writer imports TensorFlow).
 
 Last measured (2-core AMD EPYC, shared: load 4-11; batch 8; min of 2 interleaved calls; full tables and the
 analysis in benchmarks/README.md, "Training step"):
@@ -112,6 +119,9 @@ def _parse(argv=None):
                         "precision (e.g. 989 for H100/H200 dense bf16, 67 for float32 without TF32): prints the "
                         "FLOP utilisation of the whole steps")
     parser.add_argument("--memory_variant", default="default", help="the XLA variant the memory rows compile with")
+    parser.add_argument("--platform", default="cpu", help="the JAX backend of our items: cpu, or cuda on a GPU "
+                        "(then --variants default: the other variants are XLA:CPU flags)")
+    parser.add_argument("--reference_device", default="cpu", help="the reference's torch device: cpu or cuda")
     parser.add_argument("--reference_worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -151,16 +161,18 @@ def _reference_worker(args) -> None:
 
     store = tempfile.NamedTemporaryFile(prefix="lzn_gloo_", delete=False).name
     os.unlink(store)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    on_gpu = args.reference_device == "cuda"
+    dist.init_process_group("nccl" if on_gpu else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
     import lzn.model
     import lzn.optimizer
     import lzn.prior
     from lzn.trainer import generation_trainer
 
-    # DDP of CPU modules takes device_ids=None; the trainer passes [local_rank] (a GPU index).
-    ddp = generation_trainer.CustomDistributedDataParallel
-    generation_trainer.CustomDistributedDataParallel = lambda module, device_ids=None, **kw: ddp(module, **kw)
+    if not on_gpu:
+        # DDP of CPU modules takes device_ids=None; the trainer passes [local_rank] (a GPU index).
+        ddp = generation_trainer.CustomDistributedDataParallel
+        generation_trainer.CustomDistributedDataParallel = lambda module, device_ids=None, **kw: ddp(module, **kw)
 
     def load_config():
         path = os.path.join(reference, "configs", "lzn1", "case_study_1_cifar10.py")
@@ -168,7 +180,7 @@ def _reference_worker(args) -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         config = module.get_config()
-        config.distributed.device = "cpu"
+        config.distributed.device = args.reference_device
         config.distributed.local_rank = 0
         return config
 
@@ -207,6 +219,7 @@ def _reference_worker(args) -> None:
         return trainer
 
     torch.manual_seed(0)
+    torch.set_default_device(args.reference_device)
     batch = args.batch
     data = torch.rand(batch, 3, 32, 32) * 2 - 1
     label = torch.zeros(batch, dtype=torch.long)
@@ -278,8 +291,12 @@ def _reference_worker(args) -> None:
             else:
                 functions.update(parts())
             functions[name]()  # untimed first call
+        if on_gpu:
+            torch.cuda.synchronize()
         start = time.perf_counter()
         functions[name]()
+        if on_gpu:
+            torch.cuda.synchronize()
         print(json.dumps({"seconds": time.perf_counter() - start}), flush=True)
 
 
@@ -288,7 +305,8 @@ class _Reference:
 
     def __init__(self, args):
         command = [args.torch_python, str(pathlib.Path(__file__).resolve()), "--reference_worker",
-                   "--reference_dir", args.reference_dir, "--batch", str(args.batch), "--threads", str(args.threads)]
+                   "--reference_dir", args.reference_dir, "--batch", str(args.batch), "--threads", str(args.threads),
+                   "--reference_device", args.reference_device]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                         cwd=args.reference_dir)
         self._read()
@@ -586,7 +604,8 @@ def _memory(args) -> None:
     if not settings:
         return
     gib = lambda n: n / 2**30  # noqa: E731
-    print(f"\ncompiled memory per device (XLA:CPU memory_analysis [{args.memory_variant}], abstract inputs; GiB; "
+    print(f"\ncompiled memory per device (XLA:{jax.default_backend().upper()} memory_analysis [{args.memory_variant}], "
+          "abstract inputs; GiB; "
           "peak = arg + out - alias + temp)")
     print(f"{'setting':22s} {'batch':>5s} {'args':>7s} {'out':>7s} {'alias':>7s} {'temp':>7s} {'code':>7s} "
           f"{'peak':>7s} {'v5e 16GB':>9s} {'A100 40GB':>9s} {'compile s':>9s}")
@@ -620,7 +639,7 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(REPO))
     import jax
 
-    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_platforms", args.platform)
     print(f"jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} cores, "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     _speed(args)

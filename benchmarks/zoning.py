@@ -45,6 +45,13 @@ allocator's cached blocks). The two are not the same measure: compare them as or
 
 Each measurement runs in its own process. The machine is whatever runs the script: on a shared machine repeat
 the run; the ratios, measured in the same run, are more stable than the times.
+
+On a GPU, JAX runs on its default backend (the GPU) and --torch-device cuda puts the PyTorch baselines there too
+(full float32 products on both sides; PyTorch's memory is then torch.cuda.max_memory_allocated); the page-fault
+columns then only count the host:
+
+  python benchmarks/zoning.py --torch-python python3 --torch-device cuda --sizes 4096,8192,16384 \
+      --skip-broadcast --blocks forward,assign --assign-sizes 4096,8192 --repeats 5
 """
 
 from __future__ import annotations
@@ -254,6 +261,14 @@ def fmt_seconds(result) -> str:
     return f"{result['seconds']:.3f}s" if ok(result) else "ERR"
 
 
+def backend_name() -> str:
+    """The device the JAX children run on, asked of a short-lived child: on a GPU, a backend started in this
+    parent would hold most of the device's memory while the children measure."""
+    probe = "import jax, os; d = jax.devices()[0]; print(d.device_kind if d.platform != 'cpu' else f'{os.cpu_count()} CPU cores')"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else "unknown device"
+
+
 def fmt_faults(result) -> str:
     """Minor page faults per timed call, in thousands."""
     if not ok(result) or "faults_per_call" not in result:
@@ -307,7 +322,8 @@ def main() -> None:
     parser.add_argument("--blockwise-sizes", default=None, help="B = N of the blockwise table (default --sizes)")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--blocks", default="forward,assign,blockwise", help="which tables to run")
-    parser.add_argument("--torch-python", default=None, help="a Python with CPU torch for the PyTorch baselines")
+    parser.add_argument("--torch-python", default=None, help="a Python with torch for the PyTorch baselines")
+    parser.add_argument("--torch-device", default="cpu", help="cpu, or cuda where JAX runs on the GPU too")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "SOLVER", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -331,7 +347,8 @@ def main() -> None:
             return None
         return run_child([args.torch_python, str(TORCH_SCRIPT), mode, "--formulation", formulation,
                           "--solver", solver, "--size", str(size), "--dim", str(args.dim), "--steps", str(steps),
-                          "--repeats", str(args.repeats), "--warmup", str(warmup)], args.timeout)
+                          "--repeats", str(args.repeats), "--warmup", str(warmup),
+                          "--device", args.torch_device], args.timeout)
 
     def plan(solver, steps, size):
         decision = zoning.remat_plan(zoning.SolverOptions(solver=solver, num_steps=steps), batch=size,
@@ -341,7 +358,7 @@ def main() -> None:
     solvers = args.solvers.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
     blocks = args.blocks.split(",")
-    print(f"zoning benchmark: D={args.dim}, float32, forward + backward, {os.cpu_count()} CPU cores, "
+    print(f"zoning benchmark: D={args.dim}, float32, forward + backward, {backend_name()}, torch on {args.torch_device}, "
           f"best of {args.repeats} after a warm-up; {time.strftime('%Y-%m-%d %H:%M')}")
 
     dense = {}

@@ -18,7 +18,9 @@ Modes (first argument):
 
 Prints one JSON line: {"seconds": best of the repeats, "peak_bytes": peak resident memory above the
 resident set once the inputs exist, "faults_per_call": minor page faults per timed run}. The peak is the
-process's high-water mark, so the first run sets it.
+process's high-water mark, so the first run sets it. With ``--device cuda`` the tensors live on the GPU, every
+timed run ends with ``torch.cuda.synchronize()``, "peak_bytes" is ``torch.cuda.max_memory_allocated`` and float32
+products stay full float32 (PyTorch's default: no TF32 for matmuls), as the JAX side's HIGHEST precision.
 """
 
 import argparse
@@ -140,7 +142,17 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=0, help="untimed runs first (they still set the peak)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.set_default_device(device)
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+    def synchronize():
+        if on_gpu:
+            torch.cuda.synchronize()
 
     torch.manual_seed(0)
     if args.mode == "forward":
@@ -164,7 +176,7 @@ def main():
         def loss():
             return lean_alignment_loss(latents, context, targets, args.steps)
 
-    baseline = resident_bytes()
+    baseline = 0 if on_gpu else resident_bytes()
     times = []
     for run in range(args.warmup + args.repeats):
         if run == args.warmup:
@@ -173,9 +185,13 @@ def main():
         for leaf in leaves:
             leaf.grad = None
         loss().backward()
+        synchronize()
         times.append(time.perf_counter() - start_time)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / args.repeats
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+    if on_gpu:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     print(json.dumps({"seconds": min(times[args.warmup:]), "peak_bytes": peak, "faults_per_call": faults}))
 
 
