@@ -61,7 +61,9 @@ On a GPU (not yet run: no GPU was available to this project's sessions), --platf
 tensors on the GPU, an NCCL process group, DDP with the trainer's own device_ids, and torch.cuda.synchronize()
 around each timed call; --peak_tflops gives the FLOP utilisation, and the memory rows are then the GPU compiler's
 own analysis. The upfirdn2d stub stays (CIFAR10 does not use it), which also spares compiling the reference's
-CUDA extension. Our side needs the whole requirements.txt there (clu's summary writer imports TensorFlow).
+CUDA extension. Our side imports neither the training loop nor TensorFlow (the abstract state comes from
+lzn_jax.train.state): beyond jax with its CUDA plugin, flax, optax, numpy, scipy and pillow it needs only
+ml_collections, which the reference needs too.
 
 Last measured (2-core AMD EPYC, shared: load 4-11; batch 8; min of 2 interleaved calls; full tables and the
 analysis in benchmarks/README.md, "Training step"):
@@ -403,11 +405,11 @@ def _step_item(name: str, batch: int, options=None):
     import jax
     import numpy as np
 
-    from lzn_jax.train import loop
+    from lzn_jax.train import state as train_state
 
     config, modules, optimizer, step = _setting(name, batch)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = loop.abstract_train_state(config, modules, optimizer, device)
+    abstract = train_state.abstract_train_state(config, modules, optimizer, device)
     abstract_batch = _abstract_batch(config, batch, device)
     start = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(abstract, abstract_batch).compile(compiler_options=options)
@@ -466,9 +468,9 @@ def _part_items(batch: int, options=None):
     import numpy as np
 
     config, modules, optimizer, _ = _setting("cifar10_gen", batch)
-    from lzn_jax.train import loop
+    from lzn_jax.train import state as train_state
 
-    abstract = loop.abstract_train_state(config, modules, optimizer, jax.sharding.SingleDeviceSharding(
+    abstract = train_state.abstract_train_state(config, modules, optimizer, jax.sharding.SingleDeviceSharding(
         jax.devices()[0]))
     params = _concrete(abstract).params
     rng = np.random.default_rng(3)
@@ -598,7 +600,7 @@ def _speed(args) -> None:
 def _memory(args) -> None:
     import jax
 
-    from lzn_jax.train import loop
+    from lzn_jax.train import state as train_state
 
     settings = [entry for entry in args.memory.split(",") if entry and entry != "none"]
     if not settings:
@@ -614,7 +616,7 @@ def _memory(args) -> None:
         batch = int(per_device)
         config, modules, optimizer, step = _setting(name, batch)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        abstract = loop.abstract_train_state(config, modules, optimizer, device)
+        abstract = train_state.abstract_train_state(config, modules, optimizer, device)
         start = time.perf_counter()
         compiled = jax.jit(step, donate_argnums=0).lower(abstract, _abstract_batch(config, batch, device)).compile(
             compiler_options=VARIANTS[args.memory_variant])

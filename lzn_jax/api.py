@@ -24,7 +24,7 @@ from lzn_jax import checkpoint, parallel, sampling, zoning
 from lzn_jax.data.device import to_float_images
 from lzn_jax.evaluation import classification
 from lzn_jax.objectives.latents import BATCH_AXIS, latents_of
-from lzn_jax.train.state import Modules, build_modules, encoder_input_channels
+from lzn_jax.train.state import Modules, abstract_train_state, build_modules, encoder_input_channels
 
 __all__ = [
     "Model",
@@ -118,10 +118,10 @@ def _load_sharding() -> jax.sharding.Sharding:
 def _abstract_params(config: ml_collections.FrozenConfigDict, sharding: jax.sharding.Sharding) -> dict[str, Any]:
     """``{"params": ..., "ema_params": ...}`` of the config's train state as ShapeDtypeStructs placed with
     ``sharding`` (traced once per config: a notebook reloading a workdir does not trace the model again)."""
-    from lzn_jax.train import loop, optim  # the trainer imports TensorFlow (clu); only load needs it
+    from lzn_jax.train import optim  # only load needs the optimiser's state structure
 
     modules = build_modules(config)
-    abstract = loop.abstract_train_state(config, modules, optim.make_optimizer(config, modules.present()), sharding)
+    abstract = abstract_train_state(config, modules, optim.make_optimizer(config, modules.present()), sharding)
     return {"params": abstract.params, "ema_params": abstract.ema_params}
 
 

@@ -31,11 +31,10 @@ from lzn_jax.evaluation.fid import MetricResult
 from lzn_jax.train import optim, report
 from lzn_jax.train.loop import (
     _write_samples,
-    abstract_train_state,
     decoder_conditioning,
     make_sample_fn,
 )
-from lzn_jax.train.state import Modules, build_modules, encoder_input_channels
+from lzn_jax.train.state import Modules, abstract_train_state, build_modules, encoder_input_channels
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from lzn_jax.train import optim, report
 from lzn_jax.train.state import (
     Modules,
     TrainState,
+    abstract_train_state,
     build_modules,
     encoder_input_channels,
     init_state,
@@ -60,12 +61,6 @@ def check_encoder_chunks(config: ml_collections.ConfigDict, num_devices: int) ->
             f"contrastive.encoder_chunks={chunks} does not divide the {rows} encoder rows each of the {num_devices} "
             f"devices holds (2 views x {rows // 2} images); use a divisor of {rows}"
         )
-
-
-def abstract_train_state(config: ml_collections.ConfigDict, modules: Modules, optimizer, sharding) -> TrainState:
-    """The state's shapes and dtypes with ``sharding`` on every leaf: what init, restore and fit checks start from."""
-    shapes = jax.eval_shape(lambda key: init_state(config, modules, optimizer, key), jax.random.key(0))
-    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
 
 
 def _initial_state(config, modules, optimizer, replicated, abstract, checkpointer) -> tuple[TrainState, Any, str]:

@@ -123,6 +123,14 @@ def init_state(
     )
 
 
+def abstract_train_state(config: ml_collections.ConfigDict, modules: Modules, optimizer: optax.GradientTransformation,
+                         sharding: jax.sharding.Sharding) -> TrainState:
+    """The state's shapes and dtypes with ``sharding`` on every leaf: what init, restore, fit checks and the
+    benchmarks start from. Traced with ``jax.eval_shape``: nothing is allocated."""
+    shapes = jax.eval_shape(lambda key: init_state(config, modules, optimizer, key), jax.random.key(0))
+    return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), shapes)
+
+
 def parameter_table(params: dict[str, Any]) -> list[tuple[str, int]]:
     """``[(module, parameter count), ...]`` plus a total row, for the start-up log."""
     rows = [(name, sum(leaf.size for leaf in jax.tree.leaves(tree))) for name, tree in params.items()]
