@@ -47,23 +47,27 @@ Reference. Its trainer cannot be constructed on a CPU-only machine as it is: `lz
 CUDA kernels when imported, and its __init__ loads data, metrics and loggers. The worker therefore
   * registers a stub for `lzn.model.ncsnpp_lib.op` (upfirdn2d, used only by FIR resampling, which CIFAR10 does
     not use: fir=False) and for `matplotlib.pyplot` (imported by its metric items, used only to draw);
-  * starts a one-process gloo process group, so its all_gathers and DistributedDataParallel work;
-  * loads configs/lzn1/case_study_1_cifar10.py, sets the device to --reference_device, and builds a GenerationTrainer with
-    `object.__new__` plus the trainer's own _initialize_{encoder,decoder,label_anchor,training_sampler,
-    t_scheduler,losses,latent_flow,grad_scalar}, its EMA, optimizer and LR-scheduler factories, exactly as its
-    __init__ does, minus data, metrics and loggers; DDP gets device_ids=None (CPU) instead of [local_rank];
+  * starts a one-process gloo process group (NCCL on a GPU), so its all_gathers and DistributedDataParallel work;
+  * loads configs/lzn1/case_study_1_cifar10.py, sets the device to --reference_device, and builds a
+    GenerationTrainer with `object.__new__` plus the trainer's own _initialize_{encoder,decoder,label_anchor,
+    training_sampler,t_scheduler,losses,latent_flow,grad_scalar}, its EMA, optimizer and LR-scheduler factories,
+    exactly as its __init__ does, minus data, metrics and loggers; on CPU, DDP gets device_ids=None instead of
+    [local_rank];
   * times `trainer._train_iteration(data, label, prior_data)` (uniform images in [-1, 1], Gaussian prior).
   The RF step is the same trainer with the decoder's latent_dim 0, no encoder module, parameter group or EMA, and
   get_latent_from_data returning None (the reference has no RF config; this is its path with the encoder gone).
 
 On a GPU (not yet run: no GPU was available to this project's sessions), --platform cuda runs our items on the GPU
-(with --variants default: the other variants are XLA:CPU flags) and --reference_device cuda the reference's: its
-tensors on the GPU, an NCCL process group, DDP with the trainer's own device_ids, and torch.cuda.synchronize()
-around each timed call; --peak_tflops gives the FLOP utilisation, and the memory rows are then the GPU compiler's
-own analysis. The upfirdn2d stub stays (CIFAR10 does not use it), which also spares compiling the reference's
-CUDA extension. Our side imports neither the training loop nor TensorFlow (the abstract state comes from
-lzn_jax.train.state): beyond jax with its CUDA plugin, flax, optax, numpy, scipy and pillow it needs only
-ml_collections, which the reference needs too.
+(with --variants default: the other variants are XLA:CPU flags; JAX's preallocation is turned off, as the reference
+shares the device) and --reference_device cuda the reference's: its tensors on the GPU, an NCCL process group, DDP
+with the trainer's own device_ids, and torch.cuda.synchronize() around each timed call; --peak_tflops gives the FLOP
+utilisation, and the memory rows are then the GPU compiler's own analysis. Float32 on both sides is what each
+framework does by default there: XLA uses TF32 for float32 products and convolutions, PyTorch for its cuDNN
+convolutions but not for its matmuls (torch.backends.cuda.matmul.allow_tf32 stays False), as a user of each gets.
+The upfirdn2d stub stays (CIFAR10 does not use it), which also spares compiling the reference's CUDA extension. Our
+side imports neither the training loop nor TensorFlow (the abstract state comes from lzn_jax.train.state): beyond
+jax with its CUDA plugin, flax, optax, numpy, scipy and pillow it needs only ml_collections, which the reference
+needs too.
 
 Last measured (2-core AMD EPYC, shared: load 4-11; batch 8; min of 2 interleaved calls; full tables and the
 analysis in benchmarks/README.md, "Training step"):
@@ -221,7 +225,8 @@ def _reference_worker(args) -> None:
         return trainer
 
     torch.manual_seed(0)
-    torch.set_default_device(args.reference_device)
+    if on_gpu:  # only there: a default device adds a little to every torch call
+        torch.set_default_device(args.reference_device)
     batch = args.batch
     data = torch.rand(batch, 3, 32, 32) * 2 - 1
     label = torch.zeros(batch, dtype=torch.long)
@@ -639,6 +644,14 @@ def main(argv=None) -> None:
         _reference_worker(args)
         return
     sys.path.insert(0, str(REPO))
+    if args.platform != "cpu":
+        unknown = [v for v in {*args.variants.split(","), *(args.step_variants or "").split(","),
+                               args.memory_variant} if v and v != "default"]
+        if unknown:
+            raise SystemExit(f"--platform {args.platform} takes --variants default only: {sorted(unknown)} are "
+                             "XLA:CPU flags")
+        # The reference worker shares the GPU with this process: JAX must not take 75 % of it up front.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
 
     jax.config.update("jax_platforms", args.platform)

@@ -231,10 +231,13 @@ def measure_jax(kind: str, solver: str, size: int, args) -> dict:
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     timed = args.repeats - len(times)
     times += [run_once() for _ in range(timed)]
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / max(timed, 1)
+    faults_after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     analysis = compiled.memory_analysis()
     peak = sum(getattr(analysis, f"{part}_size_in_bytes") for part in ("temp", "argument", "output"))
-    return {"seconds": min(times), "peak_bytes": peak, "faults_per_call": faults}
+    result = {"seconds": min(times), "peak_bytes": peak}
+    if timed > 0:  # the faults of calls after the first (a long first call counts as timed, but faults more)
+        result["faults_per_call"] = (faults_after - faults_before) / timed
+    return result
 
 
 # ----------------------------------------------------------------------------------------- driver (parent)
@@ -264,7 +267,8 @@ def fmt_seconds(result) -> str:
 def backend_name() -> str:
     """The device the JAX children run on, asked of a short-lived child: on a GPU, a backend started in this
     parent would hold most of the device's memory while the children measure."""
-    probe = "import jax, os; d = jax.devices()[0]; print(d.device_kind if d.platform != 'cpu' else f'{os.cpu_count()} CPU cores')"
+    probe = ("import jax, os; d = jax.devices()[0]; "
+             "print(d.device_kind if d.platform != 'cpu' else f'{os.cpu_count()} CPU cores')")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     return done.stdout.strip().splitlines()[-1] if done.returncode == 0 and done.stdout.strip() else "unknown device"
 
@@ -358,7 +362,8 @@ def main() -> None:
     solvers = args.solvers.split(",")
     sizes = [int(s) for s in args.sizes.split(",")]
     blocks = args.blocks.split(",")
-    print(f"zoning benchmark: D={args.dim}, float32, forward + backward, {backend_name()}, torch on {args.torch_device}, "
+    print(f"zoning benchmark: D={args.dim}, float32, forward + backward, {backend_name()}, "
+          f"torch on {args.torch_device}, "
           f"best of {args.repeats} after a warm-up; {time.strftime('%Y-%m-%d %H:%M')}")
 
     dense = {}

@@ -144,10 +144,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=0, help="untimed runs first (they still set the peak)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     device = torch.device(args.device)
-    torch.set_default_device(device)
     on_gpu = device.type == "cuda"
     if on_gpu:
+        # Only there: a default device adds a little to every torch call, which the CPU timings should not carry.
+        torch.set_default_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False
 
     def synchronize():

@@ -120,7 +120,7 @@ def joint_state(joint):
     modules = build_modules(config)
     optimizer = optim.make_optimizer(config, modules.present())
     replicated = jax.NamedSharding(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), jax.P())
-    # As train/loop.py's abstract_train_state: the init's shapes with a sharding on every leaf.
+    # As train/state.py's abstract_train_state: the init's shapes with a sharding on every leaf.
     shapes = jax.eval_shape(lambda key: init_state(config, modules, optimizer, key), jax.random.key(0))
     abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), shapes)
     with checkpoint.Checkpointer(workdir / "checkpoints", handle_sigterm=False) as checkpointer:
