@@ -217,7 +217,9 @@ def dense_pivot_posterior(query, context, context_t, pivots, pivot_distances, ow
     Args:
       query: (B, D) ``x_b - (1 - t) r_b`` (:func:`offset_from`); context: (N, D); context_t: (D, N)
       ``context.T``, which receives the anchors' whole cotangent (module docstring); pivots: (B, D) the ``r_b``;
-      pivot_distances: (B, N) ``|a_j - r_b|^2`` from :func:`pivot_squared_distances`; own_index: (B,) int or
+      pivot_distances: (B, N) ``|a_j - r_b|^2`` from :func:`pivot_squared_distances` of these pivots and this
+      context, with its gradient stopped: the backward pass differentiates the logits through the distances
+      itself and returns no cotangent for them; own_index: (B,) int or
       None: the column of ``context`` that holds each row's pivot itself, the same differentiable value (the
       forward flow of a batch against its own anchors), which the backward pass then treats as one
       (:func:`_dense_pivot_posterior_bwd`); log_weights: (N,);
@@ -247,7 +249,8 @@ def _dense_pivot_posterior_fwd(*primals):
      distance_scale) = primals
     outputs = dense_pivot_posterior(query, context, context_t, pivots, pivot_distances, own_index, log_weights,
                                     inner_scale, norm_scale, time, distance_scale, refine)
-    residuals = (query, context, pivots, pivot_distances, own_index, jnp.exp(outputs[1]), inner_scale, norm_scale)
+    residuals = (query, context, context_t, pivots, pivot_distances, own_index, jnp.exp(outputs[1]), inner_scale,
+                 norm_scale, time)
     return outputs, residuals
 
 
@@ -262,7 +265,7 @@ def _dense_pivot_posterior_bwd(refine, residuals, cotangents):
     is left of it (docs/numerics.md, "Conditioning of the flow and gradient cancellation"). Anchors that only
     coincide with the pivot in value keep both contributions, as they are different inputs.
     """
-    query, context, pivots, pivot_distances, own_index, probs, inner_scale, norm_scale = residuals
+    query, context, context_t, pivots, pivot_distances, own_index, probs, inner_scale, norm_scale, time = residuals
     g_mean, g_log_probs = cotangents
     if type(g_mean) is SymbolicZero:
         g_mean = jnp.zeros(g_mean.shape, g_mean.dtype)
@@ -277,12 +280,20 @@ def _dense_pivot_posterior_bwd(refine, residuals, cotangents):
     if own_index is not None:
         own = jnp.arange(probs.shape[1], dtype=own_index.dtype)[None, :] == own_index[:, None]
         mean_weights = jnp.where(own, 0.0, probs)
-    g_context_t = row_sum_product(g_mean, mean_weights) + inner_scale * row_sum_product(query, g_logits)
-    g_pivots = -jnp.sum(mean_weights, axis=-1, keepdims=True) * g_mean
-    g_log_weights = jnp.sum(g_logits, axis=0)
+    # The logits reach the anchors and the pivots through the distances too, -n |a_j - r_b|^2, and that
+    # derivative is formed here, step by step, so that no (B, N) cotangent of the distances is carried through the
+    # flow (the distances come in without one; _evaluator.py stops their gradient). Towards the pivots it is
+    # 2n sum_j g_bj (a_j - r_b) = (1 - t) g_query, as 2n = (1 - t) s. Towards the anchors it is
+    # 2n sum_b g_bj (r_b - a_j), which joins the product of the query: one (D + 1, N) product whose last row is
+    # the column sums of g_logits.
+    two_n = 2.0 * norm_scale
+    weighted = jnp.concatenate([inner_scale * query + two_n * pivots, jnp.ones_like(pivots[:, :1])], axis=1)
+    logit_share = row_sum_product(weighted, g_logits)
+    g_log_weights = logit_share[-1]
+    g_context_t = (row_sum_product(g_mean, mean_weights) + logit_share[:-1]) - two_n * context_t * g_log_weights
+    g_pivots = -jnp.sum(mean_weights, axis=-1, keepdims=True) * g_mean + (1.0 - time) * g_query
     zero = jnp.zeros_like(inner_scale)
-    return (g_query, None, g_context_t, g_pivots, -norm_scale * g_logits, None, g_log_weights, zero, zero, zero,
-            zero)
+    return (g_query, None, g_context_t, g_pivots, None, None, g_log_weights, zero, zero, zero, zero)
 
 
 # Symbolic zeros: the forward flows never use the log posterior, so its cotangent, a (B, N) array of zeros,

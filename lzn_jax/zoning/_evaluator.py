@@ -127,6 +127,12 @@ def make_evaluator(
     # The dense kernels return the anchors' cotangent as (D, N): transposed here, once per flow, it is summed
     # over the steps in that layout and transposed back once (_dense.py's module docstring).
     context_t = context.T if block_size is None else None
+    # The dense pivot kernel differentiates the logits through the pivot distances itself, step by step
+    # (_dense._dense_pivot_posterior_bwd); stopped here, outside the step loop, the distances carry no (B, N)
+    # cotangent through it.
+    distances = None
+    if origin is not None and origin.squared_distances is not None:
+        distances = jax.lax.stop_gradient(origin.squared_distances)
 
     def evaluate(state, coefficients):
         scales = cast_coefficients(coefficients, dtype)
@@ -155,9 +161,8 @@ def make_evaluator(
         else:
             # The offset x - (1 - t) r is state + t r: formed before any product, it keeps its own precision.
             query = state + scales.time * origin.pivots
-            operands = match_varying_axes(query, context, context_t, origin.pivots, origin.squared_distances,
-                                          log_weights, scales.inner_scale, scales.norm_scale, scales.time,
-                                          scales.distance_scale)
+            operands = match_varying_axes(query, context, context_t, origin.pivots, distances, log_weights,
+                                          scales.inner_scale, scales.norm_scale, scales.time, scales.distance_scale)
             prediction, log_probs = _dense.dense_pivot_posterior(*operands[:5], origin.own_index, *operands[5:],
                                                                  refine)
             residual = state - prediction  # both small inside the own zone: no cancellation
