@@ -218,8 +218,8 @@ def dense_pivot_posterior(query, context, context_t, pivots, pivot_distances, ow
       query: (B, D) ``x_b - (1 - t) r_b`` (:func:`offset_from`); context: (N, D); context_t: (D, N)
       ``context.T``, which receives the anchors' whole cotangent (module docstring); pivots: (B, D) the ``r_b``;
       pivot_distances: (B, N) ``|a_j - r_b|^2`` from :func:`pivot_squared_distances` of these pivots and this
-      context, with its gradient stopped: the backward pass differentiates the logits through the distances
-      itself and returns no cotangent for them; own_index: (B,) int or
+      context, with its gradient stopped (``_evaluator.pivot_origin``): the backward pass differentiates the
+      logits through the distances itself and returns no cotangent for them; own_index: (B,) int or
       None: the column of ``context`` that holds each row's pivot itself, the same differentiable value (the
       forward flow of a batch against its own anchors), which the backward pass then treats as one
       (:func:`_dense_pivot_posterior_bwd`); log_weights: (N,);
@@ -282,8 +282,8 @@ def _dense_pivot_posterior_bwd(refine, residuals, cotangents):
         mean_weights = jnp.where(own, 0.0, probs)
     # The logits reach the anchors and the pivots through the distances too, -n |a_j - r_b|^2, and that
     # derivative is formed here, step by step, so that no (B, N) cotangent of the distances is carried through the
-    # flow (the distances come in without one; _evaluator.py stops their gradient). Towards the pivots it is
-    # 2n sum_j g_bj (a_j - r_b) = (1 - t) g_query, as 2n = (1 - t) s. Towards the anchors it is
+    # flow (the distances come in without one: _evaluator.pivot_origin stops their gradient). Towards the pivots
+    # it is 2n sum_j g_bj (a_j - r_b) = (1 - t) g_query, as 2n = (1 - t) s. Towards the anchors it is
     # 2n sum_b g_bj (r_b - a_j), which joins the product of the query: one (D + 1, N) product whose last row is
     # the column sums of g_logits.
     two_n = 2.0 * norm_scale
@@ -330,13 +330,13 @@ def _stack_blocks(per_block: jax.Array, batch: int, num_anchors: int) -> jax.Arr
 _SYMMETRIC_BLOCK = 128
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def pivot_squared_distances(pivots: jax.Array, context: jax.Array, symmetric: bool = False) -> jax.Array:
     """(B, N) squared distances ``|a_j - r_b|^2`` from exact differences, streamed over anchor blocks.
 
     Unlike the expansion ``|a|^2 - 2 <a, r> + |r|^2`` it keeps full relative precision for nearby pairs, the
     only ones whose logits matter late in the flow, and it is exactly zero where an anchor equals the pivot.
-    Memory O(B * block * D) with ~64 MB blocks; computed once per flow.
+    Memory O(B * block * D) with ~64 MB blocks; computed once per flow. The flows do not differentiate it: the
+    dense pivot kernel forms the logits' derivative through the distances itself (:func:`dense_pivot_posterior`).
 
     Args:
       pivots: (B, D); context: (N, D); symmetric: the caller guarantees that ``pivots`` and ``context`` hold
@@ -374,21 +374,3 @@ def _symmetric_squared_distances(context: jax.Array) -> jax.Array:
     size = num_blocks * _SYMMETRIC_BLOCK
     return jnp.swapaxes(tiles, 1, 2).reshape(size, size)[:num_anchors, :num_anchors]
 
-
-def _pivot_squared_distances_fwd(pivots, context, symmetric):
-    return pivot_squared_distances(pivots, context, symmetric), (pivots, context)
-
-
-def _pivot_squared_distances_bwd(symmetric, residuals, g_distances):
-    pivots, context = residuals
-    # d/d a_j |a_j - r_b|^2 = 2 (a_j - r_b) = -d/d r_b, weighted by the cotangents, in matmul form: its error is
-    # relative to the cotangents, which the 1/t^2 scale does not reach. The forward flow uses both shares (its
-    # pivots are the anchors themselves).
-    g_context = 2.0 * (jnp.sum(g_distances, axis=0)[:, None] * context
-                       - transposed_product(g_distances, pivots))
-    g_pivots = 2.0 * (jnp.sum(g_distances, axis=1)[:, None] * pivots
-                      - jnp.matmul(g_distances, context, precision=HIGHEST))
-    return g_pivots, g_context
-
-
-pivot_squared_distances.defvjp(_pivot_squared_distances_fwd, _pivot_squared_distances_bwd)

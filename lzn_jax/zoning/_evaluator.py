@@ -65,9 +65,9 @@ def remat_plan(options: SolverOptions, *, batch: int, num_anchors: int, dim: int
 
 
 class Origin(NamedTuple):
-    """Per-row pivots (B, D), their exact squared distances to every context anchor (B, N) (None for the
-    blockwise kernel, which forms them block by block), and the column of the context that holds each row's
-    pivot itself (B,) int, or None where the context does not hold the pivots."""
+    """Per-row pivots (B, D), their exact squared distances to every context anchor (B, N) with their gradient
+    stopped (None for the blockwise kernel, which forms them block by block), and the column of the context that
+    holds each row's pivot itself (B,) int, or None where the context does not hold the pivots."""
 
     pivots: jax.Array
     squared_distances: jax.Array | None
@@ -81,9 +81,12 @@ def pivot_origin(pivots: jax.Array, context: jax.Array, *, own_index: jax.Array 
     ``own_index``: see :class:`Origin`. ``pivots_are_context``: the two hold the same values (the distances
     then cost about half as much).
     """
-    # Inside shard_map a replicated context (e.g. label anchors) must vary like the rows before the custom VJP.
-    return Origin(pivots, _dense.pivot_squared_distances(*match_varying_axes(pivots, context),
-                                                         pivots_are_context), own_index)
+    # Inside shard_map a replicated context (e.g. label anchors) is made to vary like the rows first.
+    distances = _dense.pivot_squared_distances(*match_varying_axes(pivots, context), pivots_are_context)
+    # The dense pivot kernel differentiates the logits through the distances itself, step by step
+    # (_dense._dense_pivot_posterior_bwd): stopped here, outside the flow's loop, they carry no (B, N) cotangent
+    # through it.
+    return Origin(pivots, jax.lax.stop_gradient(distances), own_index)
 
 
 class Evaluation(NamedTuple):
@@ -127,12 +130,6 @@ def make_evaluator(
     # The dense kernels return the anchors' cotangent as (D, N): transposed here, once per flow, it is summed
     # over the steps in that layout and transposed back once (_dense.py's module docstring).
     context_t = context.T if block_size is None else None
-    # The dense pivot kernel differentiates the logits through the pivot distances itself, step by step
-    # (_dense._dense_pivot_posterior_bwd); stopped here, outside the step loop, the distances carry no (B, N)
-    # cotangent through it.
-    distances = None
-    if origin is not None and origin.squared_distances is not None:
-        distances = jax.lax.stop_gradient(origin.squared_distances)
 
     def evaluate(state, coefficients):
         scales = cast_coefficients(coefficients, dtype)
@@ -161,8 +158,9 @@ def make_evaluator(
         else:
             # The offset x - (1 - t) r is state + t r: formed before any product, it keeps its own precision.
             query = state + scales.time * origin.pivots
-            operands = match_varying_axes(query, context, context_t, origin.pivots, distances, log_weights,
-                                          scales.inner_scale, scales.norm_scale, scales.time, scales.distance_scale)
+            operands = match_varying_axes(query, context, context_t, origin.pivots, origin.squared_distances,
+                                          log_weights, scales.inner_scale, scales.norm_scale, scales.time,
+                                          scales.distance_scale)
             prediction, log_probs = _dense.dense_pivot_posterior(*operands[:5], origin.own_index, *operands[5:],
                                                                  refine)
             residual = state - prediction  # both small inside the own zone: no cancellation
