@@ -186,6 +186,16 @@ def _metadata_tree(item_metadata: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _checkpoint_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an absolute path, checked with :func:`_check_directory`. orbax refuses relative paths; a
+    relative local one (``--workdir=workdirs/run``) is taken from the current directory, as the user means it."""
+    path = epath.Path(path)
+    if not path.is_absolute():  # remote paths (gs://...) are absolute
+        path = epath.Path(os.path.abspath(path))
+    _check_directory(path)
+    return path
+
+
 def _check_directory(path: epath.Path) -> None:
     """Raises NotADirectoryError when ``path`` or one of its parents exists as a file."""
     for candidate in (path, *path.parents):
@@ -308,8 +318,7 @@ class Checkpointer:
         if every_steps < 0 or sigterm_sync_every_steps < 1:
             raise ValueError(f"need every_steps >= 0 and sigterm_sync_every_steps >= 1, got {every_steps} and "
                              f"{sigterm_sync_every_steps}")
-        self._directory = epath.Path(directory)
-        _check_directory(self._directory)
+        self._directory = _checkpoint_path(directory)
         self._every_steps = int(every_steps)
         self._keep = int(keep)
         self._async_save = bool(async_save)
@@ -553,8 +562,7 @@ def restore_state(path: str | os.PathLike, abstract_state: Any, *, step: int | N
       FileNotFoundError: no complete checkpoint (or not ``step``) in ``path``.
       IncompatibleCheckpointError, NotADirectoryError, TypeError: as ``Checkpointer``.
     """
-    directory = epath.Path(path)
-    _check_directory(directory)
+    directory = _checkpoint_path(path)
     restored = _restore_from(directory, abstract_state, step)
     if restored is None:
         raise FileNotFoundError(f"no complete checkpoint in {directory}")
@@ -581,8 +589,7 @@ def restore_params(path: str | os.PathLike, abstract_params: Any, *, step: int |
       FileNotFoundError: no complete checkpoint (or not ``step``).
       IncompatibleCheckpointError: the saved ``subtree`` has other paths, shapes or dtypes (listed).
     """
-    location = epath.Path(path)
-    _check_directory(location)
+    location = _checkpoint_path(path)
     storage = {subtree: _storage_abstract(abstract_params)}
     restore_args = jax.tree.map(
         lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape, dtype=s.dtype), storage)

@@ -87,6 +87,19 @@ def test_round_trip_is_bitwise_and_save_decides_when(tmp_path):
     np.testing.assert_array_equal(jax.random.normal(restored.key, (4,)), jax.random.normal(state.key, (4,)))
 
 
+def test_relative_paths_are_taken_from_the_current_directory(tmp_path, monkeypatch):
+    """``--workdir=workdirs/run``, as README's main job passes it: orbax itself refuses relative paths."""
+    monkeypatch.chdir(tmp_path)
+    state = make_state()
+    with checkpoint.Checkpointer("runs/checkpoints", every_steps=1, async_save=False, handle_sigterm=False) as ckpt:
+        assert ckpt.save(3, state, data_state={"step": 3})
+    assert step_dirs(tmp_path / "runs" / "checkpoints") == ["3"]
+    restored, data_state = checkpoint.restore_state("runs/checkpoints", abstract_like(state))
+    assert_trees_equal(restored, state)
+    assert data_state == {"step": 3}
+    assert_trees_equal(checkpoint.restore_params("runs/checkpoints/3", abstract_like(state.params)), state.params)
+
+
 def test_async_saves_keep_the_newest_two(tmp_path):
     directory = tmp_path / "checkpoints"
     states = {step: make_state(step) for step in range(1, 5)}
