@@ -80,6 +80,17 @@ def test_symmetric_pivot_squared_distances_are_the_general_ones_bit_for_bit():
     assert np.all(np.diag(np.asarray(symmetric)) == 0)
 
 
+def test_zero_where_matches_where_with_zeros():
+    # The in-loop form of jnp.where(mask, 0.0, values) used by the dense kernels: the same values, signs included
+    # where the mask is off, and zeros (of either sign) where it is on.
+    rng = np.random.default_rng(5)
+    values = jnp.asarray(rng.standard_normal((6, 9)), jnp.float32)
+    mask = jnp.asarray(rng.random((6, 9)) < 0.4)
+    expected = np.where(np.asarray(mask), 0.0, np.asarray(values))
+    np.testing.assert_array_equal(np.asarray(_dense._zero_where(mask, values)), expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(_dense._zero_where)(mask, values)), expected)
+
+
 def test_symmetric_pivot_squared_distances_differentiable(x64):
     anchors = jnp.asarray(np.random.default_rng(4).standard_normal((130, 3)))
     check_grads(lambda a: _dense.pivot_squared_distances(a, a, True), (anchors,), order=1, modes=["rev"])
