@@ -9,7 +9,8 @@ measurement whose first run exceeds 20 s counts that run as its first timed one.
 1. Forward flow (--sizes, default B = N = 1024, 2048, 4096; Euler and DPM-Solver++, --steps 20): the gradient
    of sum(latents * W) with respect to the anchors (own anchors = context, as in training).
      remat      our rematerialisation decision, zoning.remat_plan: "kept" (each step's (B, N) posterior is kept
-                for the backward pass) or "remat" (each step's posterior evaluation is recomputed)
+                for the backward pass) or "remat" (each step's posterior evaluation is recomputed); --remat sets
+                SolverOptions.remat (default auto: kept up to the 2 GiB default budget, so up to B = N = 4096)
      ours       lzn_jax.zoning.compute_latents (dense kernel, default options)
      lean       the matmul form in PyTorch (benchmarks/zoning_torch_reference.py, run by --torch-python): logits
                 ((1-t) x A^T - (1-t)^2 |a|^2 / 2) / t^2, softmax, mean = p A, v = (x - mean) / t, the same
@@ -190,7 +191,7 @@ def measure_jax(kind: str, solver: str, size: int, args) -> dict:
         fn, fn_args = jax.jit(matmul_floor(args.steps)), (first, second)
     elif kind in ("ours", "broadcast", "lean-jax", "blockwise"):
         anchors, prior = first, second
-        options = zoning.SolverOptions(solver=solver, num_steps=args.steps,
+        options = zoning.SolverOptions(solver=solver, num_steps=args.steps, remat=args.remat,
                                        block_size=args.block_size if kind == "blockwise" else None)
         formulation = {"broadcast": broadcast_data_prediction, "lean-jax": lean_data_prediction}.get(kind)
 
@@ -325,6 +326,8 @@ def main() -> None:
     parser.add_argument("--assign-steps", type=int, default=100)
     parser.add_argument("--blockwise-sizes", default=None, help="B = N of the blockwise table (default --sizes)")
     parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--remat", default="auto", choices=["auto", "never", "always"],
+                        help="SolverOptions.remat of our forward flow (auto: by the 2 GiB default memory budget)")
     parser.add_argument("--blocks", default="forward,assign,blockwise", help="which tables to run")
     parser.add_argument("--torch-python", default=None, help="a Python with torch for the PyTorch baselines")
     parser.add_argument("--torch-device", default="cpu", help="cpu, or cuda where JAX runs on the GPU too")
@@ -341,7 +344,7 @@ def main() -> None:
 
     me = [sys.executable, str(pathlib.Path(__file__).resolve())]
     common = ["--dim", str(args.dim), "--steps", str(args.steps), "--repeats", str(args.repeats),
-              "--assign-steps", str(args.assign_steps), "--block-size", str(args.block_size)]
+              "--assign-steps", str(args.assign_steps), "--block-size", str(args.block_size), "--remat", args.remat]
 
     def jax_child(kind, solver, size):
         return run_child(me + common + ["--child", kind, solver, str(size)], args.timeout)
@@ -355,8 +358,8 @@ def main() -> None:
                           "--device", args.torch_device], args.timeout)
 
     def plan(solver, steps, size):
-        decision = zoning.remat_plan(zoning.SolverOptions(solver=solver, num_steps=steps), batch=size,
-                                     num_anchors=size, dim=args.dim)
+        options = zoning.SolverOptions(solver=solver, num_steps=steps, remat=args.remat)
+        decision = zoning.remat_plan(options, batch=size, num_anchors=size, dim=args.dim)
         return "remat" if decision.rematerialise else "kept"
 
     solvers = args.solvers.split(",")
