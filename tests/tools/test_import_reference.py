@@ -24,7 +24,7 @@ from lzn_jax.evaluation.torch_checkpoint import read_torch_checkpoint
 from lzn_jax.tools import import_reference, reference_names
 from lzn_jax.tools.import_reference import ReferenceImportError
 from lzn_jax.train import optim
-from lzn_jax.train.state import build_modules, init_state
+from lzn_jax.train.state import abstract_train_state, build_modules
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 sys.path.insert(0, str(DATA.parent))
@@ -120,9 +120,7 @@ def joint_state(joint):
     modules = build_modules(config)
     optimizer = optim.make_optimizer(config, modules.present())
     replicated = jax.NamedSharding(jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]), jax.P())
-    # As train/state.py's abstract_train_state: the init's shapes with a sharding on every leaf.
-    shapes = jax.eval_shape(lambda key: init_state(config, modules, optimizer, key), jax.random.key(0))
-    abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), shapes)
+    abstract = abstract_train_state(config, modules, optimizer, replicated)  # what the trainer restores into
     with checkpoint.Checkpointer(workdir / "checkpoints", handle_sigterm=False) as checkpointer:
         state, data_state = checkpointer.restore(abstract)
     assert data_state is None
