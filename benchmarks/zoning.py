@@ -26,8 +26,10 @@ measurement whose first run exceeds 20 s counts that run as its first timed one.
                 each in its fastest form (matmul_floor); "frac" = their time / ours.
      flt ours / flt lean   minor page faults per timed call (getrusage), in thousands, of ours and of the lean
                 PyTorch rewrite: XLA:CPU allocates a program's temporaries as one block at every call, which
-                the process then faults through page by page (docs/numerics.md, "Speed: the two sums over the
-                batch rows", the paragraph on page faults).
+                the process then faults through page by page with glibc's defaults (docs/numerics.md, "Host
+                memory on the CPU"). --host-allocator retain runs every child, ours and the PyTorch ones alike,
+                with GLIBC_TUNABLES=RETAIN_TUNABLES, under which freed memory stays mapped and later calls fault
+                on none of it; the default, "default", leaves glibc as it is.
 2. Reverse flow (--assign-sizes, default 1024, 2048; reverse Euler, --assign-steps 100): the gradient of the
    alignment loss (cut-off 0.2, probabilities) with respect to latents and context, targets = own index.
      assign     zoning.assign (records the (S, B, N) log posteriors) + zoning.alignment_loss
@@ -70,6 +72,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TORCH_SCRIPT = REPO / "benchmarks" / "zoning_torch_reference.py"
 # A JAX measurement whose first (warm-up) run takes longer than this counts that run as its first timed one.
 LONG_RUN_SECONDS = 20.0
+# --host-allocator retain: glibc malloc settings under which freed memory stays mapped for the next call. One
+# arena, so that the worker threads that run XLA:CPU's programs allocate from the main heap; no mmap, so that a
+# large block comes from that heap too; no trimming (SIZE_MAX), so that the heap never shrinks.
+RETAIN_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615"
 
 
 # ----------------------------------------------------------------------------------------- measurements (child)
@@ -244,10 +250,10 @@ def measure_jax(kind: str, solver: str, size: int, args) -> dict:
 # ----------------------------------------------------------------------------------------- driver (parent)
 
 
-def run_child(command: list[str], timeout: float) -> dict:
+def run_child(command: list[str], timeout: float, env: dict[str, str] | None = None) -> dict:
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+                              env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})))
     except subprocess.TimeoutExpired:
         return {"error": f"timeout {timeout:.0f}s"}
     if done.returncode != 0:
@@ -329,6 +335,9 @@ def main() -> None:
     parser.add_argument("--remat", default="auto", choices=["auto", "never", "always"],
                         help="SolverOptions.remat of our forward flow (auto: by the 2 GiB default memory budget)")
     parser.add_argument("--blocks", default="forward,assign,blockwise", help="which tables to run")
+    parser.add_argument("--host-allocator", default="default", choices=["default", "retain"],
+                        help="glibc malloc in every child, ours and the baselines alike: its defaults, or "
+                             "RETAIN_TUNABLES (freed memory stays mapped)")
     parser.add_argument("--torch-python", default=None, help="a Python with torch for the PyTorch baselines")
     parser.add_argument("--torch-device", default="cpu", help="cpu, or cuda where JAX runs on the GPU too")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement")
@@ -345,9 +354,10 @@ def main() -> None:
     me = [sys.executable, str(pathlib.Path(__file__).resolve())]
     common = ["--dim", str(args.dim), "--steps", str(args.steps), "--repeats", str(args.repeats),
               "--assign-steps", str(args.assign_steps), "--block-size", str(args.block_size), "--remat", args.remat]
+    child_env = {"GLIBC_TUNABLES": RETAIN_TUNABLES} if args.host_allocator == "retain" else None
 
     def jax_child(kind, solver, size):
-        return run_child(me + common + ["--child", kind, solver, str(size)], args.timeout)
+        return run_child(me + common + ["--child", kind, solver, str(size)], args.timeout, env=child_env)
 
     def torch_child(mode, formulation, solver, size, steps, warmup):
         if not args.torch_python:
@@ -355,7 +365,7 @@ def main() -> None:
         return run_child([args.torch_python, str(TORCH_SCRIPT), mode, "--formulation", formulation,
                           "--solver", solver, "--size", str(size), "--dim", str(args.dim), "--steps", str(steps),
                           "--repeats", str(args.repeats), "--warmup", str(warmup),
-                          "--device", args.torch_device], args.timeout)
+                          "--device", args.torch_device], args.timeout, env=child_env)
 
     def plan(solver, steps, size):
         options = zoning.SolverOptions(solver=solver, num_steps=steps, remat=args.remat)
@@ -366,7 +376,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     blocks = args.blocks.split(",")
     print(f"zoning benchmark: D={args.dim}, float32, forward + backward, {backend_name()}, "
-          f"torch on {args.torch_device}, "
+          f"torch on {args.torch_device}, host allocator {args.host_allocator}, "
           f"best of {args.repeats} after a warm-up; {time.strftime('%Y-%m-%d %H:%M')}")
 
     dense = {}
