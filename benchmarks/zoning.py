@@ -28,8 +28,9 @@ measurement whose first run exceeds 20 s counts that run as its first timed one.
                 PyTorch rewrite: XLA:CPU allocates a program's temporaries as one block at every call, which
                 the process then faults through page by page with glibc's defaults (docs/numerics.md, "Host
                 memory on the CPU"). --host-allocator retain runs every child, ours and the PyTorch ones alike,
-                with GLIBC_TUNABLES=RETAIN_TUNABLES, under which freed memory stays mapped and later calls fault
-                on none of it; the default, "default", leaves glibc as it is.
+                with GLIBC_TUNABLES=RETAIN_TUNABLES, under which freed memory stays mapped: once the heap has
+                grown to hold a call's blocks (over the first calls, which the column still counts), calls fault
+                on none of it. The default, "default", leaves glibc as it is.
 2. Reverse flow (--assign-sizes, default 1024, 2048; reverse Euler, --assign-steps 100): the gradient of the
    alignment loss (cut-off 0.2, probabilities) with respect to latents and context, targets = own index.
      assign     zoning.assign (records the (S, B, N) log posteriors) + zoning.alignment_loss
